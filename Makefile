@@ -1,0 +1,44 @@
+# Two commands from a fresh clone:  make demo  |  make test
+# Every target sets itself up (virtualenv, pinned packages, datasets).
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+WORKDIR ?= runs/demo
+
+.PHONY: demo test lint format bench clean help
+
+help:
+	@echo "make demo   - train sync and codistillation on MNIST-1D side by side ($(WORKDIR))"
+	@echo "make test   - run the whole test suite"
+	@echo "make bench  - benchmarks (not part of the tests)"
+	@echo "make lint   - ruff"
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/bench_step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

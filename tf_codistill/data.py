@@ -1,0 +1,234 @@
+"""Input pipelines through TensorFlow Datasets.
+
+Any registered TFDS name works (`cifar10`, `imagenet2012`, ...), read from
+`data_dir` (TFDS's default when `None`). The project's own builders,
+`mnist1d` (also `mnist1d/n<samples>` for other sizes) and `digits`, are
+generated offline on first use.
+
+Training pipelines come in the two data modes of `CodistillModel`:
+`train_batches` (every member sees the same batch) and `independent_batches`
+(each member draws its own, differently shuffled, batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
+from tf_codistill.datasets.mnist1d import config_for
+
+__all__ = [
+    "DatasetSpec",
+    "BUILTIN_DATASETS",
+    "load_spec",
+    "train_batches",
+    "independent_batches",
+    "eval_batches",
+    "check_labels",
+]
+
+BUILTIN_DATASETS = ("mnist1d", "digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_train: int
+    num_test: int
+    train_split: str
+    test_split: str
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    match = re.fullmatch(r"mnist1d/n(\d+)", name)
+    try:
+        if match:
+            return tfds.builder("mnist1d", config=config_for(int(match.group(1))), data_dir=data_dir)
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Built in (offline): {', '.join(BUILTIN_DATASETS)} "
+            "(and mnist1d/n<samples>); otherwise any TFDS name, e.g. cifar10, with its data "
+            "in --data_dir or a network connection to prepare it."
+        ) from err
+
+
+@contextlib.contextmanager
+def _prepare_lock(builder: tfds.core.DatasetBuilder, timeout_s: float = 600.0):
+    """Serialises `download_and_prepare` across processes sharing a data_dir."""
+    root = os.fspath(builder.data_dir_root)
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f".{builder.name}.prepare.lock")
+    with open(path, "w") as handle:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"waited {timeout_s:.0f}s for another process preparing {builder.name} "
+                        f"in {root}; remove {path} if no such process is running."
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    builder = _builder(name, data_dir)
+    if not builder.is_prepared():
+        with _prepare_lock(builder):
+            builder = _builder(name, data_dir)
+            if not builder.is_prepared():
+                tfds.disable_progress_bar()
+                try:
+                    builder.download_and_prepare()
+                except Exception as err:  # noqa: BLE001 - rewrap with advice
+                    raise RuntimeError(
+                        f"Could not prepare dataset {name!r} in {builder.data_dir_root}: {err}. "
+                        "For datasets that are not built in, download them with "
+                        f"`tfds build {name} --data_dir=...` on a machine with network access "
+                        "and pass that --data_dir."
+                    ) from err
+    return builder
+
+
+def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.0) -> DatasetSpec:
+    """Prepares the dataset if needed and describes it.
+
+    Args:
+        name: TFDS name.
+        data_dir: TFDS data directory.
+        train_fraction: use the first `train_fraction` of the training split
+            (the paper's less-data study), in (0, 1].
+
+    Raises:
+        ValueError: unknown dataset, no supervised keys, bad fraction.
+    """
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
+    builder = _prepared_builder(name, data_dir)
+    info = builder.info
+    if not info.supervised_keys:
+        raise ValueError(f"Dataset {name!r} has no (input, label) supervised keys.")
+    x_key, y_key = info.supervised_keys[:2]
+    label = info.features[y_key]
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ValueError(f"Dataset {name!r}: label {y_key!r} is not a class label.")
+    if "train" not in info.splits or "test" not in info.splits:
+        splits = sorted(info.splits.keys())
+        if "train" in info.splits and "validation" in info.splits:
+            test_split = "validation"
+        else:
+            raise ValueError(f"Dataset {name!r} needs a train and a test split; has {splits}.")
+    else:
+        test_split = "test"
+    num_train_all = info.splits["train"].num_examples
+    num_train = max(1, int(num_train_all * train_fraction))
+    train_split = "train" if num_train == num_train_all else f"train[:{num_train}]"
+    return DatasetSpec(
+        name=name,
+        input_shape=tuple(info.features[x_key].shape),
+        num_classes=label.num_classes,
+        num_train=num_train,
+        num_test=info.splits[test_split].num_examples,
+        train_split=train_split,
+        test_split=test_split,
+    )
+
+
+def _normalise(x, y):
+    if x.dtype == tf.uint8:
+        x = tf.cast(x, tf.float32) / 255.0
+    return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
+
+
+def _split(spec: DatasetSpec, split: str, data_dir: str | None, shard: tuple[int, int] | None):
+    builder = _prepared_builder(spec.name, data_dir)
+    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    if shard is not None:
+        ds = ds.shard(shard[1], shard[0])
+    return ds.map(_normalise, num_parallel_calls=tf.data.AUTOTUNE).cache()
+
+
+def train_batches(
+    spec: DatasetSpec,
+    batch_size: int,
+    seed: int,
+    data_dir: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tf.data.Dataset:
+    """Endless shuffled training batches `(x, y)` of exactly `batch_size`.
+
+    Args:
+        shard: `(index, count)` to read only every count-th example.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    ds = _split(spec, spec.train_split, data_dir, shard)
+    ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def independent_batches(
+    spec: DatasetSpec,
+    batch_size: int,
+    num_members: int,
+    seed: int,
+    data_dir: str | None = None,
+) -> tf.data.Dataset:
+    """Endless `((x_0, ..., x_{n-1}), (y_0, ..., y_{n-1}))`: each member its own
+    data order (seed + member index)."""
+    streams = [train_batches(spec, batch_size, seed + 1000 * i, data_dir) for i in range(num_members)]
+    zipped = tf.data.Dataset.zip(tuple(streams))
+    return zipped.map(
+        lambda *pairs: (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_batches(spec: DatasetSpec, batch_size: int = 1000, data_dir: str | None = None):
+    """The test split, in order, batched."""
+    ds = _split(spec, spec.test_split, data_dir, None)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_labels(
+    spec: DatasetSpec, num_outputs: int, data_dir: str | None = None, max_examples: int = 100_000
+) -> None:
+    """Checks that labels fit the model's outputs before training starts.
+
+    Reads up to `max_examples` training labels.
+
+    Raises:
+        ValueError: a label outside `[0, num_outputs)`.
+    """
+    if spec.num_classes > num_outputs:
+        raise ValueError(
+            f"Dataset {spec.name!r} has {spec.num_classes} classes but the model has "
+            f"{num_outputs} outputs; build the model with num_classes={spec.num_classes}."
+        )
+    ds = _split(spec, spec.train_split, data_dir, None).take(max_examples).map(lambda x, y: y)
+    labels = np.concatenate([b.numpy() for b in ds.batch(10_000)]) if spec.num_train else np.array([])
+    if labels.size and (labels.min() < 0 or labels.max() >= num_outputs):
+        raise ValueError(
+            f"Dataset {spec.name!r} has labels in [{labels.min()}, {labels.max()}] but the model "
+            f"has {num_outputs} outputs: labels must lie in [0, {num_outputs})."
+        )

@@ -1,0 +1,43 @@
+"""The interface every exchange transport implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+
+class Exchange:
+    """Supplies each local member with its peers' mean prediction.
+
+    A transport decides where the peers live: in this process
+    (`LocalExchange`), in other processes reached over collectives, or in
+    stale copies refreshed now and then. The model calls `teacher_logits`
+    inside the traced train step; whatever it returns is treated as a
+    constant (the model applies `stop_gradient` again to be safe).
+    """
+
+    #: Name reported in `results.json` (`"exchange"`).
+    name = "exchange"
+
+    def bind(self, model) -> None:
+        """Called once by `CodistillModel.__init__`; validate the pairing here."""
+
+    def num_groups(self, num_local_members: int) -> int:
+        """Number of groups (models) taking part in the whole job."""
+        return num_local_members
+
+    def teacher_logits(
+        self,
+        members: Sequence[keras.Model],
+        inputs: Sequence,
+        logits: Sequence,
+        data_mode: str,
+    ) -> list:
+        """Returns, per local member, the mean of its peers' logits on the
+        member's own batch (or `None` when it has no peer)."""
+        raise NotImplementedError
+
+    def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
+        """Bytes this process sends to other processes per training step."""
+        return 0.0

@@ -1,0 +1,411 @@
+"""`CodistillModel`: G member models trained side by side with a distillation term.
+
+Each member i minimises
+
+    task_loss(y_i, f_i(x_i)) + alpha_k * D(f_i(x_i), stop_gradient(mean_{j != i} f_j(x_i)))
+
+where the peers' predictions come from an `Exchange` (other members in this
+process, other processes, or stale copies). With one group there is no peer
+and the model is the plain synchronous baseline: both arms of a comparison run
+through the same train step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from tf_codistill.exchange import Exchange, LocalExchange
+from tf_codistill.losses import CodistillDistance, get_distance
+from tf_codistill.schedules import AlphaSchedule, Schedule
+
+__all__ = ["CodistillModel", "DATA_MODES"]
+
+DATA_MODES = ("shared", "independent")
+
+_LOGIT_LOSSES = {
+    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
+    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+}
+
+
+def _num_replicas() -> int:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _weighted_mean(values, sample_weight=None):
+    """Batch mean of per-example values, scaled for the distribution strategy
+    the way Keras scales its own losses (so SUM-reduced gradients average)."""
+    if sample_weight is not None:
+        sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
+        values = values * sample_weight
+    mean = ops.sum(values) / ops.cast(ops.shape(values)[0], values.dtype)
+    replicas = _num_replicas()
+    return mean / replicas if replicas > 1 else mean
+
+
+def _resolve_loss(loss):
+    if loss is None:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if isinstance(loss, str) and loss in _LOGIT_LOSSES:
+        return _LOGIT_LOSSES[loss](from_logits=True)
+    loss = keras.losses.get(loss)
+    if not isinstance(loss, keras.losses.Loss):
+        loss = keras.losses.LossFunctionWrapper(loss)
+    return loss
+
+
+def _metric_factory(spec, sparse: bool) -> Callable[[str | None], keras.metrics.Metric]:
+    """Returns make(prefix) that builds a fresh copy of one metric spec."""
+    if isinstance(spec, str) and spec in ("accuracy", "acc"):
+        cls = keras.metrics.SparseCategoricalAccuracy if sparse else keras.metrics.CategoricalAccuracy
+        return lambda prefix: cls(name=f"{prefix}accuracy")
+    if isinstance(spec, keras.metrics.Metric):
+        config = spec.get_config()
+        return lambda prefix: type(spec).from_config({**config, "name": prefix + config["name"]})
+    resolved = keras.metrics.get(spec)
+    if isinstance(resolved, keras.metrics.Metric):
+        return _metric_factory(resolved, sparse)
+    name = spec if isinstance(spec, str) else getattr(resolved, "__name__", "metric")
+    return lambda prefix: keras.metrics.MeanMetricWrapper(resolved, name=prefix + name)
+
+
+class CodistillModel(keras.Model):
+    """Trains several member models with codistillation (or one, synchronously).
+
+    Use it like any Keras model::
+
+        model = CodistillModel([build(seed=0), build(seed=1)], alpha=1.0, distance="mse")
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
+        model.fit(train_ds, validation_data=test_ds, epochs=10)
+        model.members[0].save("member0.keras")   # a plain Keras model
+
+    Members must return logits of the same shape. Training logs `loss` (the
+    objective, summed over local members and averaged), `task_loss`,
+    `distill_loss`, `agreement` (fraction of examples whose argmax equals the
+    peers'), `alpha`, and every compiled metric pooled over members and per
+    member (`g0_accuracy`, ...). `evaluate` reports each member and, with more
+    than one local member, the ensemble (mean of the softmaxes).
+
+    Args:
+        members: the member models, or a callable `index -> keras.Model`
+            together with `num_groups`.
+        num_groups: number of members to build when `members` is a callable.
+        distance: name in `tf_codistill.losses.DISTANCES` or a
+            `CodistillDistance`.
+        temperature: softmax temperature for the KL distances.
+        alpha: weight of the distillation term, a number or an `AlphaSchedule`.
+        data_mode: ``"shared"`` (every member sees the same batch; the
+            dataset yields `(x, y)`) or ``"independent"`` (each member draws
+            its own batch; the dataset yields `((x_0, ...), (y_0, ...))`, see
+            `tf_codistill.data.independent_batches`).
+        exchange: how peer predictions arrive; defaults to `LocalExchange`.
+        weight_decay: L2 coefficient on kernels (variables of rank >= 2),
+            a number or a step schedule (e.g. `schedules.paper_weight_decay`).
+            It is the coupled form used by the paper's SGD: its gradient is
+            `weight_decay * w`.
+        num_classes: if given, integer labels are checked to lie in
+            `[0, num_classes)` at every step.
+
+    Raises:
+        ValueError: on an empty member list, members whose outputs differ in
+            shape, a negative alpha, a non-positive temperature, or an
+            unknown distance or data mode.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[keras.Model] | Callable[[int], keras.Model],
+        num_groups: int | None = None,
+        *,
+        distance: str | CodistillDistance = "mse",
+        temperature: float = 1.0,
+        alpha: float | AlphaSchedule = 1.0,
+        data_mode: str = "shared",
+        exchange: Exchange | None = None,
+        weight_decay: float | Schedule = 0.0,
+        num_classes: int | None = None,
+        name: str = "codistill",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        members = _build_members(members, num_groups)
+        if data_mode not in DATA_MODES:
+            raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
+        if not isinstance(alpha, AlphaSchedule):
+            alpha = AlphaSchedule(alpha)
+        if isinstance(weight_decay, (int, float)):
+            if weight_decay < 0:
+                raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+            weight_decay = float(weight_decay)
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        self.members = members
+        self.distance = get_distance(distance, temperature)
+        self.alpha_schedule = alpha
+        self.data_mode = data_mode
+        self.exchange = exchange if exchange is not None else LocalExchange()
+        self.weight_decay = weight_decay
+        self.num_classes = num_classes
+        self.exchange.bind(self)
+        self.num_groups = self.exchange.num_groups(len(members))
+        self._check_output_shapes()
+        if all(m.built for m in members):
+            self.built = True
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def num_local_members(self) -> int:
+        return len(self.members)
+
+    @property
+    def codistilling(self) -> bool:
+        """True when there is at least one peer (more than one group)."""
+        return self.num_groups > 1
+
+    def _check_output_shapes(self) -> None:
+        shapes = []
+        for m in self.members:
+            try:
+                shapes.append(tuple(m.outputs[0].shape[1:]) if m.outputs else None)
+            except (AttributeError, ValueError):
+                shapes.append(None)
+        known = {s for s in shapes if s is not None}
+        if len(known) > 1:
+            listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
+            raise ValueError(
+                "All members must produce logits of the same shape; got "
+                f"{listing}. Build every member for the same number of classes."
+            )
+        for i, s in enumerate(shapes):
+            if s is not None and len(s) != 1:
+                raise ValueError(
+                    f"Member {i} outputs shape {s} per example; CodistillModel needs "
+                    "logits of shape [batch, classes]."
+                )
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+        """Like `keras.Model.compile`. `loss` is the task loss on logits and
+        defaults to `SparseCategoricalCrossentropy(from_logits=True)`."""
+        self.task_loss = _resolve_loss(loss)
+        sparse = not isinstance(self.task_loss, keras.losses.CategoricalCrossentropy)
+        factories = [_metric_factory(spec, sparse) for spec in (metrics or [])]
+        n = self.num_local_members
+        many = n > 1
+        self._trackers = {"task_loss": keras.metrics.Mean(name="task_loss")}
+        if self.codistilling:
+            self._trackers["distill_loss"] = keras.metrics.Mean(name="distill_loss")
+            self._trackers["agreement"] = keras.metrics.Mean(name="agreement")
+        self._member_task = [keras.metrics.Mean(name=f"g{i}_task_loss") for i in range(n)] if many else []
+        self._member_eval_loss = [keras.metrics.Mean(name=f"g{i}_loss") for i in range(n)] if many else []
+        self._pooled_metrics = [make("") for make in factories]
+        self._member_metrics = [[make(f"g{i}_") for make in factories] for i in range(n)] if many else []
+        self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if many else None
+        self._ensemble_metrics = [make("ensemble_") for make in factories] if many else []
+        kwargs.setdefault("jit_compile", False)
+        super().compile(optimizer=optimizer, loss=None, metrics=None, **kwargs)
+
+    @property
+    def metrics(self):
+        if not self.compiled:
+            return []
+        ms = [self._loss_tracker, *self._trackers.values(), *self._member_task, *self._member_eval_loss]
+        ms += self._pooled_metrics
+        for per_member in self._member_metrics:
+            ms += per_member
+        if self._ensemble_loss is not None:
+            ms += [self._ensemble_loss, *self._ensemble_metrics]
+        return ms
+
+    # --------------------------------------------------------------- forward
+    def call(self, inputs, training=False):
+        """Logits of the single member, or of the ensemble (log of the mean
+        softmax) when this process holds several members."""
+        if self.num_local_members == 1:
+            return self.members[0](inputs, training=training)
+        return self._ensemble_logits([m(inputs, training=training) for m in self.members])
+
+    def predict_members(self, inputs):
+        """List of every local member's logits on `inputs` (inference mode)."""
+        return [m(inputs, training=False) for m in self.members]
+
+    @staticmethod
+    def _ensemble_logits(logits):
+        probs = ops.mean(ops.stack([ops.softmax(z, axis=-1) for z in logits]), axis=0)
+        return ops.log(ops.maximum(probs, 1e-12))
+
+    def export_member(self, index: int, path: str) -> None:
+        """Saves member `index` as a standalone `.keras` model."""
+        if not 0 <= index < self.num_local_members:
+            raise ValueError(f"member index must be in [0, {self.num_local_members}), got {index}.")
+        self.members[index].save(path)
+
+    # ------------------------------------------------------------ train step
+    def _split(self, x, y, sample_weight):
+        n = self.num_local_members
+        if self.data_mode == "shared" or n == 1 and not isinstance(x, (tuple, list)):
+            return [x] * n, [y] * n, [sample_weight] * n
+        if not isinstance(x, (tuple, list)) or len(x) != n or not isinstance(y, (tuple, list)):
+            raise ValueError(
+                f"data_mode='independent' expects every element of the training data to be "
+                f"((x_0, ..., x_{n - 1}), (y_0, ..., y_{n - 1})), one batch per member; got x of "
+                f"type {type(x).__name__}. Build the dataset with "
+                "tf_codistill.data.independent_batches(...), or use data_mode='shared'."
+            )
+        sws = list(sample_weight) if isinstance(sample_weight, (tuple, list)) else [sample_weight] * n
+        return list(x), list(y), sws
+
+    def _check_labels(self, y):
+        if self.num_classes is None or y.dtype.is_floating:
+            return []
+        return [
+            tf.debugging.assert_non_negative(y, message="labels must be >= 0"),
+            tf.debugging.assert_less(
+                y,
+                tf.cast(self.num_classes, y.dtype),
+                message=f"labels out of range: every label must be in [0, {self.num_classes})",
+            ),
+        ]
+
+    def _decayed_variables(self):
+        return [v for m in self.members for v in m.trainable_variables if len(v.shape) >= 2]
+
+    def _weight_penalty(self):
+        wd = self.weight_decay
+        if isinstance(wd, float):
+            if wd == 0.0:
+                return None
+            coeff = wd
+        else:
+            coeff = wd(self.optimizer.iterations)
+        squares = ops.sum(ops.stack([ops.sum(ops.square(v)) for v in self._decayed_variables()]))
+        penalty = 0.5 * coeff * squares
+        replicas = _num_replicas()
+        return penalty / replicas if replicas > 1 else penalty
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        xs, ys, sws = self._split(x, y, sample_weight)
+        checks = [c for yi in ys for c in self._check_labels(yi)]
+        alpha = self.alpha_schedule(self.optimizer.iterations) if self.codistilling else None
+        with tf.control_dependencies(checks), tf.GradientTape() as tape:
+            logits = [m(xi, training=True) for m, xi in zip(self.members, xs)]
+            if self.codistilling:
+                teachers = self.exchange.teacher_logits(self.members, xs, logits, self.data_mode)
+            else:
+                teachers = [None] * len(logits)
+            task_losses, distill_losses, total = [], [], 0.0
+            for i, (zi, ti) in enumerate(zip(logits, teachers)):
+                task = self.task_loss(ys[i], zi, sample_weight=sws[i])
+                task_losses.append(task)
+                total = total + task
+                if ti is not None:
+                    ti = ops.stop_gradient(ti)
+                    if i == 0:
+                        self.distance.validate_outputs(ti, zi)
+                    distill = _weighted_mean(self.distance.per_example(ti, zi), sws[i])
+                    distill_losses.append(distill)
+                    total = total + alpha * distill
+            penalty = self._weight_penalty()
+            if penalty is not None:
+                total = total + penalty
+            scaled = self.optimizer.scale_loss(total) if self.optimizer is not None else total
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+
+        # Metrics, on unscaled values and averaged over local members.
+        replicas = _num_replicas()
+        n = float(len(logits))
+        unscale = float(replicas) / n
+        batch = ops.shape(logits[0])[0]
+        self._loss_tracker.update_state(total * unscale, sample_weight=batch)
+        self._trackers["task_loss"].update_state(ops.sum(ops.stack(task_losses)) * unscale, sample_weight=batch)
+        for tracker, task in zip(self._member_task, task_losses):
+            tracker.update_state(task * replicas, sample_weight=batch)
+        if distill_losses:
+            self._trackers["distill_loss"].update_state(
+                ops.sum(ops.stack(distill_losses)) * unscale, sample_weight=batch
+            )
+            agree = [
+                ops.mean(ops.cast(ops.argmax(z, -1) == ops.argmax(t, -1), "float32"))
+                for z, t in zip(logits, teachers)
+            ]
+            self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+        self._update_metrics(ys, logits, sws)
+        logs = self._results(train=True)
+        if alpha is not None:
+            logs["alpha"] = alpha
+        return logs
+
+    def _update_metrics(self, ys, logits, sws):
+        for i, (yi, zi, swi) in enumerate(zip(ys, logits, sws)):
+            for m in self._pooled_metrics:
+                m.update_state(yi, zi, sample_weight=swi)
+            if self._member_metrics:
+                for m in self._member_metrics[i]:
+                    m.update_state(yi, zi, sample_weight=swi)
+
+    # ------------------------------------------------------------- test step
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        n = self.num_local_members
+        logits = [m(x, training=False) for m in self.members]
+        replicas = _num_replicas()
+        batch = ops.shape(logits[0])[0]
+        losses = [self.task_loss(y, z, sample_weight=sample_weight) * replicas for z in logits]
+        self._loss_tracker.update_state(ops.mean(ops.stack(losses)), sample_weight=batch)
+        for tracker, loss in zip(self._member_eval_loss, losses):
+            tracker.update_state(loss, sample_weight=batch)
+        self._update_metrics([y] * n, logits, [sample_weight] * n)
+        if n > 1:
+            ens = self._ensemble_logits(logits)
+            ens_loss = self.task_loss(y, ens, sample_weight=sample_weight) * replicas
+            self._ensemble_loss.update_state(ens_loss, sample_weight=batch)
+            for m in self._ensemble_metrics:
+                m.update_state(y, ens, sample_weight=sample_weight)
+            agree = [
+                ops.mean(ops.cast(ops.argmax(logits[i], -1) == ops.argmax(logits[j], -1), "float32"))
+                for i in range(n)
+                for j in range(i + 1, n)
+            ]
+            self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+        return self._results(train=False)
+
+    def _results(self, train: bool) -> dict:
+        if train:
+            skip = set(self._member_eval_loss)
+            if self._ensemble_loss is not None:
+                skip |= {self._ensemble_loss, *self._ensemble_metrics}
+        else:
+            skip = {self._trackers["task_loss"], *self._member_task}
+            if "distill_loss" in self._trackers:
+                skip.add(self._trackers["distill_loss"])
+        return {m.name: m.result() for m in self.metrics if m not in skip}
+
+
+def _build_members(members, num_groups) -> list[keras.Model]:
+    if callable(members) and not isinstance(members, keras.Model):
+        if num_groups is None:
+            raise ValueError("pass num_groups when members is a builder function.")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
+        members = [members(i) for i in range(num_groups)]
+    elif isinstance(members, keras.Model):
+        members = [members]
+    members = list(members)
+    if not members:
+        raise ValueError("CodistillModel needs at least one member model (num_groups >= 1).")
+    if num_groups is not None and num_groups != len(members):
+        raise ValueError(f"num_groups={num_groups} but {len(members)} member models were given.")
+    for i, m in enumerate(members):
+        if not isinstance(m, keras.Model):
+            raise ValueError(f"member {i} is a {type(m).__name__}, not a keras.Model.")
+    if len({id(m) for m in members}) != len(members):
+        raise ValueError(
+            "The same model object was passed twice; every member needs its own weights."
+        )
+    return members

@@ -1,0 +1,213 @@
+"""Step-indexed schedules: learning rate, weight decay and alpha.
+
+All are `keras.optimizers.schedules.LearningRateSchedule` objects (a callable
+of the optimizer's step counter), so they are traced into the train step, are
+serialisable, and continue where they were when a run resumes from a
+checkpoint (the step counter is part of the optimizer's state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+__all__ = [
+    "AlphaSchedule",
+    "WarmupPiecewiseDecay",
+    "WarmupCosineDecay",
+    "PiecewiseConstant",
+    "paper_weight_decay",
+    "goyal_learning_rate",
+    "milestone_steps",
+    "MILESTONE_PRESETS",
+]
+
+Schedule = keras.optimizers.schedules.LearningRateSchedule
+
+# Learning-rate milestones as fractions of the run. "goyal" is ResNet-50's
+# 30/60/80 of 90 epochs (the sync protocol; halving epochs and milestones
+# together keeps the fractions, the paper's "out of the box" codistillation);
+# "delayed" is the paper's fix for codistillation, 18/38/44 of 45 epochs.
+MILESTONE_PRESETS = {
+    "goyal": (30 / 90, 60 / 90, 80 / 90),
+    "delayed": (18 / 45, 38 / 45, 44 / 45),
+}
+
+
+def goyal_learning_rate(base_lr: float, batch_size: int) -> float:
+    """Linear scaling rule of Goyal et al. (2017): base_lr * batch / 256."""
+    return base_lr * batch_size / 256.0
+
+
+def milestone_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
+    """Turns milestones given as fractions of the run into step numbers."""
+    for f in fractions:
+        if not 0.0 < f < 1.0:
+            raise ValueError(
+                f"learning-rate milestones are fractions of the run in (0, 1); "
+                f"got {list(fractions)}."
+            )
+    if list(fractions) != sorted(fractions):
+        raise ValueError(f"learning-rate milestones must increase; got {list(fractions)}.")
+    return [max(1, int(round(f * total_steps))) for f in fractions]
+
+
+class PiecewiseConstant(Schedule):
+    """values[i] while step < boundaries[i]; values[-1] after the last one."""
+
+    def __init__(self, boundaries: Sequence[int], values: Sequence[float]):
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(
+                f"need len(values) == len(boundaries) + 1; got {len(values)} values "
+                f"and {len(boundaries)} boundaries."
+            )
+        self.boundaries = [int(b) for b in boundaries]
+        self.values = [float(v) for v in values]
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        value = ops.convert_to_tensor(self.values[0], "float32")
+        for boundary, v in zip(self.boundaries, self.values[1:]):
+            value = ops.where(step >= boundary, ops.cast(v, "float32"), value)
+        return value
+
+    def get_config(self):
+        return {"boundaries": self.boundaries, "values": self.values}
+
+
+class WarmupPiecewiseDecay(Schedule):
+    """Linear warmup from 0 to `peak_lr`, then x`decay_factor` at each boundary.
+
+    The step schedule of Goyal et al. (2017).
+    """
+
+    def __init__(
+        self,
+        peak_lr: float,
+        boundaries: Sequence[int],
+        decay_factor: float = 0.1,
+        warmup_steps: int = 0,
+    ):
+        if peak_lr <= 0:
+            raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        self.peak_lr = float(peak_lr)
+        self.boundaries = [int(b) for b in boundaries]
+        self.decay_factor = float(decay_factor)
+        self.warmup_steps = int(warmup_steps)
+        self._piecewise = PiecewiseConstant(
+            self.boundaries,
+            [self.peak_lr * self.decay_factor**i for i in range(len(self.boundaries) + 1)],
+        )
+
+    def __call__(self, step):
+        lr = self._piecewise(step)
+        if self.warmup_steps:
+            frac = ops.minimum(ops.cast(step + 1, "float32") / self.warmup_steps, 1.0)
+            lr = lr * frac
+        return lr
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr,
+            "boundaries": self.boundaries,
+            "decay_factor": self.decay_factor,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+class WarmupCosineDecay(Schedule):
+    """Linear warmup to `peak_lr`, then half a cosine down to 0 at `total_steps`."""
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
+        if peak_lr <= 0:
+            raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps < total_steps; got {warmup_steps} and {total_steps}."
+            )
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        decay_len = float(self.total_steps - self.warmup_steps)
+        progress = ops.clip((step - self.warmup_steps) / decay_len, 0.0, 1.0)
+        lr = 0.5 * self.peak_lr * (1.0 + ops.cos(3.141592653589793 * progress))
+        if self.warmup_steps:
+            warm = self.peak_lr * ops.minimum((step + 1.0) / self.warmup_steps, 1.0)
+            lr = ops.where(step < self.warmup_steps, warm, lr)
+        return lr
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+def paper_weight_decay(
+    lr_boundaries: Sequence[int], values: Sequence[float] = (1e-4, 1e-5, 0.0)
+) -> PiecewiseConstant:
+    """The paper's decreasing weight decay: 1e-4, 1e-5 after the first lr
+    decay, 0 after the second.
+
+    Args:
+        lr_boundaries: the learning-rate decay steps (at least two).
+        values: the three weight-decay values.
+    """
+    if len(lr_boundaries) < 2:
+        raise ValueError(
+            "the paper's weight-decay schedule follows the first two learning-rate "
+            f"decays; got {len(lr_boundaries)} lr milestones. Use a step lr schedule "
+            "with at least two milestones."
+        )
+    return PiecewiseConstant(list(lr_boundaries[:2]), list(values))
+
+
+class AlphaSchedule(Schedule):
+    """Weight of the distillation term per step.
+
+    alpha = 0 for the first `burn_in_steps`; then a linear ramp from 0 to
+    `alpha` over `ramp_steps`; then constant. `burn_in_steps=0, ramp_steps=0`
+    is a constant alpha.
+    """
+
+    def __init__(self, alpha: float = 1.0, burn_in_steps: int = 0, ramp_steps: int = 0):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"alpha must be a number, got {alpha!r}.")
+        if alpha < 0:
+            raise ValueError(
+                f"alpha must be >= 0, got {alpha}. alpha weighs the distillation "
+                "term; 0 turns codistillation off."
+            )
+        if burn_in_steps < 0 or ramp_steps < 0:
+            raise ValueError(
+                f"burn_in_steps and ramp_steps must be >= 0; got {burn_in_steps} "
+                f"and {ramp_steps}."
+            )
+        self.alpha = float(alpha)
+        self.burn_in_steps = int(burn_in_steps)
+        self.ramp_steps = int(ramp_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        alpha = ops.convert_to_tensor(self.alpha, "float32")
+        if self.ramp_steps:
+            frac = ops.clip((step - self.burn_in_steps + 1.0) / self.ramp_steps, 0.0, 1.0)
+            alpha = alpha * frac
+        if self.burn_in_steps:
+            alpha = ops.where(step < self.burn_in_steps, 0.0, alpha)
+        return alpha
+
+    def get_config(self):
+        return {
+            "alpha": self.alpha,
+            "burn_in_steps": self.burn_in_steps,
+            "ramp_steps": self.ramp_steps,
+        }

@@ -1,0 +1,458 @@
+"""Train the sync baseline and codistillation side by side, and compare them.
+
+Single process, all groups local (the embedded default: both arms on MNIST-1D
+with the 1-D CNN, 2 groups, in about a minute on 2 CPU cores):
+
+    python train.py
+    python train.py --mode=codistill --num_groups=4 --distance=mse --alpha=0.5
+    python train.py --dataset=cifar10 --model=resnet20 --data_dir=~/tensorflow_datasets
+
+Both arms use the same total batch (`--batch_size`; codistillation splits it
+into `--num_groups` groups) and the same number of updates per model.
+Writes to `--workdir`: `results.json`, `comparison.png`, and per arm
+TensorBoard logs (`<arm>/tensorboard`) and a per-epoch `<arm>/history.csv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import keras  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", "both", ["sync", "codistill", "both"], "Which arms to run.")
+flags.DEFINE_integer("num_groups", 2, "Groups (models) in the codistillation arm.")
+flags.DEFINE_enum(
+    "data_mode",
+    "independent",
+    ["shared", "independent"],
+    "Codistillation: every group sees the same batch (shared, the semantics of per-step "
+    "prediction exchange) or each draws its own (independent, the paper's setting).",
+)
+flags.DEFINE_string("dataset", "mnist1d", "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS's default when unset).")
+flags.DEFINE_float("train_fraction", 1.0, "Train on this fraction of the training split, in (0, 1].")
+flags.DEFINE_string("model", "cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50.")
+flags.DEFINE_integer("batch_size", 128, "Total batch per step over all groups (examples).")
+flags.DEFINE_integer("epochs", 60, "Epochs of the sync arm; codistillation takes as many updates.")
+flags.DEFINE_integer("steps", 0, "Total updates per model; overrides --epochs when > 0.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD with momentum 0.9, or Adam.")
+flags.DEFINE_float("base_lr", 0.4, "Learning rate per 256 examples of a model's batch (Goyal et al.).")
+flags.DEFINE_enum("lr_schedule", "step", ["step", "cosine", "constant"], "Learning-rate schedule.")
+flags.DEFINE_string(
+    "lr_milestones", "goyal", "Step decays (x0.1): 'goyal' (1/3, 2/3, 8/9 of the run), "
+    "'delayed' (the paper's fix, 18/38/44 of 45) or comma-separated fractions of the run."
+)
+flags.DEFINE_string("codistill_lr_milestones", None, "Milestones for the codistillation arm only.")
+flags.DEFINE_float("warmup_epochs", 2.0, "Linear warmup length in (sync) epochs.")
+flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on kernels (the constant, or the first value).")
+flags.DEFINE_enum(
+    "wd_schedule", "constant", ["constant", "paper"],
+    "'paper': weight_decay, then /10 after the first lr decay, then 0 after the second.",
+)
+flags.DEFINE_enum("codistill_wd_schedule", None, ["constant", "paper"], "Weight-decay schedule for the codistillation arm only.")
+flags.DEFINE_float("alpha", 1.0, "Weight of the distillation term.")
+flags.DEFINE_enum("distance", "kl", ["mse", "kl", "reverse_kl"], "Distance to the peers' logits.")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature for the KL distances.")
+flags.DEFINE_integer("burn_in_steps", 0, "Steps with alpha = 0 at the start.")
+flags.DEFINE_integer("alpha_ramp_steps", 0, "Steps over which alpha ramps linearly up after burn-in.")
+flags.DEFINE_integer("seed", 0, "Seed for initial weights and data order.")
+flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
+flags.DEFINE_integer("verbose", 2, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one comparison needs. Field meanings match the flags."""
+
+    mode: str = "both"
+    num_groups: int = 2
+    data_mode: str = "independent"
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    train_fraction: float = 1.0
+    model: str = "cnn1d"
+    batch_size: int = 128
+    epochs: int = 60
+    steps: int = 0
+    optimizer: str = "sgd"
+    base_lr: float = 0.4
+    lr_schedule: str = "step"
+    lr_milestones: str = "goyal"
+    codistill_lr_milestones: str | None = None
+    warmup_epochs: float = 2.0
+    weight_decay: float = 1e-4
+    wd_schedule: str = "constant"
+    codistill_wd_schedule: str | None = None
+    alpha: float = 1.0
+    distance: str = "kl"
+    temperature: float = 1.0
+    burn_in_steps: int = 0
+    alpha_ramp_steps: int = 0
+    seed: int = 0
+    verbose: int = 2
+
+    @classmethod
+    def from_flags(cls) -> TrainConfig:
+        return cls(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)})
+
+    def arms(self) -> list[str]:
+        return ["sync", "codistill"] if self.mode == "both" else [self.mode]
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad setting and what to do instead."""
+        from models import MODELS
+
+        from tf_codistill.losses import get_distance
+
+        def bad(msg):
+            raise ValueError(msg)
+
+        if self.mode not in ("sync", "codistill", "both"):
+            bad(f"--mode must be sync, codistill or both; got {self.mode!r}.")
+        if self.num_groups < 1:
+            bad(f"--num_groups must be >= 1, got {self.num_groups}.")
+        if self.mode != "sync" and self.num_groups < 2:
+            bad(f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one).")
+        if self.data_mode not in ("shared", "independent"):
+            bad(f"--data_mode must be shared or independent; got {self.data_mode!r}.")
+        if self.model not in MODELS:
+            bad(f"Unknown model {self.model!r}. Choose one of {sorted(MODELS)}.")
+        if self.batch_size < 1:
+            bad(f"--batch_size must be >= 1, got {self.batch_size}.")
+        if self.mode != "sync" and self.batch_size % self.num_groups:
+            bad(
+                f"--batch_size={self.batch_size} is not divisible by --num_groups={self.num_groups}; "
+                "each group takes batch_size / num_groups examples per step."
+            )
+        if self.epochs < 1 and self.steps < 1:
+            bad("Set --epochs >= 1 or --steps >= 1.")
+        if self.steps < 0:
+            bad(f"--steps must be >= 0, got {self.steps}.")
+        if self.base_lr <= 0:
+            bad(f"--base_lr must be > 0, got {self.base_lr}.")
+        if self.weight_decay < 0:
+            bad(f"--weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.alpha < 0:
+            bad(f"--alpha must be >= 0, got {self.alpha}. alpha=0 turns the distillation term off.")
+        if self.warmup_epochs < 0:
+            bad(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}.")
+        if self.burn_in_steps < 0 or self.alpha_ramp_steps < 0:
+            bad("--burn_in_steps and --alpha_ramp_steps must be >= 0.")
+        if not 0 < self.train_fraction <= 1:
+            bad(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
+        get_distance(self.distance, self.temperature)  # validates name and temperature
+        for name in ("lr_milestones", "codistill_lr_milestones"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_milestones(value, name)
+        for name in ("wd_schedule", "codistill_wd_schedule"):
+            value = getattr(self, name)
+            if value is not None and value not in ("constant", "paper"):
+                bad(f"--{name} must be constant or paper; got {value!r}.")
+            if value == "paper" and self.lr_schedule != "step":
+                bad(f"--{name}=paper follows the step schedule's decays; use --lr_schedule=step.")
+
+
+def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...]:
+    from tf_codistill.schedules import MILESTONE_PRESETS
+
+    if text in MILESTONE_PRESETS:
+        return MILESTONE_PRESETS[text]
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not 0 < v < 1 for v in values) or list(values) != sorted(values):
+        raise ValueError(
+            f"--{flag}={text!r}: give {' or '.join(MILESTONE_PRESETS)} or increasing fractions "
+            "of the run in (0, 1), e.g. 0.4,0.84,0.98."
+        )
+    return values
+
+
+# --------------------------------------------------------------------------- arms
+def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epoch: int):
+    """Batch per model, lr schedule, weight decay and alpha for one arm."""
+    from tf_codistill import schedules
+
+    groups = 1 if arm == "sync" else config.num_groups
+    batch = config.batch_size // groups
+    peak = schedules.goyal_learning_rate(config.base_lr, batch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    milestones_text = config.lr_milestones
+    wd_kind = config.wd_schedule
+    if arm == "codistill":
+        milestones_text = config.codistill_lr_milestones or milestones_text
+        wd_kind = config.codistill_wd_schedule or wd_kind
+    boundaries = schedules.milestone_steps(parse_milestones(milestones_text), total_steps)
+    if config.lr_schedule == "step":
+        lr = schedules.WarmupPiecewiseDecay(peak, boundaries, 0.1, warmup)
+    elif config.lr_schedule == "cosine":
+        lr = schedules.WarmupCosineDecay(peak, total_steps, warmup)
+    else:
+        lr = schedules.WarmupPiecewiseDecay(peak, [], 0.1, warmup)
+    if wd_kind == "paper" and config.weight_decay > 0:
+        wd = schedules.paper_weight_decay(
+            boundaries, (config.weight_decay, config.weight_decay / 10, 0.0)
+        )
+    else:
+        wd = config.weight_decay
+    alpha = schedules.AlphaSchedule(config.alpha, config.burn_in_steps, config.alpha_ramp_steps)
+    return groups, batch, lr, wd, alpha
+
+
+class TrainTimer(keras.callbacks.Callback):
+    """Sums the time spent in training batches, leaving out evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()
+
+
+def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, dict]:
+    """Trains and evaluates one arm. Returns (results.json run entry, history)."""
+    from models import build_model, count_params
+    from tf_codistill import CodistillModel, data
+
+    steps_per_epoch = max(1, spec.num_train // config.batch_size)
+    total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
+    epochs = max(1, -(-total_steps // steps_per_epoch))
+    steps_per_epoch = min(steps_per_epoch, total_steps)
+    groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
+
+    keras.utils.set_random_seed(config.seed)
+    members = [
+        build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + i)
+        for i in range(groups)
+    ]
+    model = CodistillModel(
+        members,
+        distance=config.distance,
+        temperature=config.temperature,
+        alpha=alpha,
+        data_mode=config.data_mode if groups > 1 else "shared",
+        weight_decay=wd,
+        num_classes=spec.num_classes,
+        name=arm,
+    )
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9)
+    else:
+        optimizer = keras.optimizers.Adam(lr)
+    model.compile(optimizer=optimizer, metrics=["accuracy"])
+
+    if groups > 1 and config.data_mode == "independent":
+        train_ds = data.independent_batches(spec, batch, groups, config.seed, config.data_dir)
+    else:
+        train_ds = data.train_batches(spec, batch, config.seed, config.data_dir)
+    test_ds = data.eval_batches(spec, 1000, config.data_dir)
+
+    arm_dir = os.path.join(workdir, arm)
+    os.makedirs(arm_dir, exist_ok=True)
+    timer = TrainTimer()
+    callbacks = [
+        timer,
+        keras.callbacks.TensorBoard(os.path.join(arm_dir, "tensorboard"), update_freq=max(1, steps_per_epoch // 4)),
+        keras.callbacks.CSVLogger(os.path.join(arm_dir, "history.csv")),
+    ]
+    print(
+        f"[{arm}] {groups} group(s) x batch {batch}, {total_steps} updates per model "
+        f"({epochs} epochs of {steps_per_epoch} steps), model {config.model} on {spec.name}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        train_ds,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=test_ds,
+        callbacks=callbacks,
+        verbose=config.verbose,
+        shuffle=False,
+    ).history
+    wall = time.perf_counter() - start
+    final = model.evaluate(test_ds, verbose=0, return_dict=True)
+
+    num_params = count_params(members[0])
+    per_group = []
+    for i in range(groups):
+        prefix = f"g{i}_" if groups > 1 else ""
+        per_group.append(
+            {
+                "group": i,
+                "test_accuracy": float(final[f"{prefix}accuracy"]),
+                "test_loss": float(final[f"{prefix}loss"]),
+                "train_loss": float(history[f"{prefix}task_loss"][-1]),
+            }
+        )
+    steps_run = epochs * steps_per_epoch
+    if groups > 1:
+        # An all-gather of every group's logits: each worker sends its own
+        # (batch x classes) block to each of the other groups.
+        equivalent = (groups - 1) * batch * spec.num_classes * 4
+    else:
+        # Ring all-reduce of the gradient over the workers a sync job would use
+        # (as many as the codistillation arm has groups).
+        workers = max(config.num_groups, 1)
+        equivalent = 2 * (workers - 1) / workers * num_params * 4
+    entry = {
+        "arm": arm,
+        "num_groups": groups,
+        "world_size": 1,
+        "exchange": "local" if groups > 1 else "none",
+        "data_mode": config.data_mode if groups > 1 else "shared",
+        "dataset": spec.name,
+        "model": config.model,
+        "seed": config.seed,
+        "steps": steps_run,
+        "epochs": epochs,
+        "batch_size_per_group": batch,
+        "groups": per_group,
+        "ensemble_test_accuracy": float(final["ensemble_accuracy"]) if groups > 1 else None,
+        "bytes_sent_per_step": 0.0,
+        "bytes_equivalent_per_step": float(equivalent),
+        "params_per_model": num_params,
+        "examples_per_second": steps_run * batch * groups / max(timer.seconds, 1e-9),
+        "wall_seconds": wall,
+        "train_seconds": timer.seconds,
+    }
+    if groups > 1:
+        entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
+    with open(os.path.join(arm_dir, "history.json"), "w") as f:
+        json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
+    return entry, history
+
+
+# ------------------------------------------------------------------------ report
+def plot_histories(histories: dict[str, dict], path: str) -> None:
+    """Test accuracy and training (task) loss per epoch, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"sync": "tab:blue", "codistill": "tab:orange"}
+    for arm, h in histories.items():
+        epochs = range(1, len(h["task_loss"]) + 1)
+        color = colors.get(arm)
+        label = arm if arm == "sync" else f"{arm} (mean of groups)"
+        ax_acc.plot(epochs, h["val_accuracy"], label=label, color=color)
+        if "val_ensemble_accuracy" in h:
+            ax_acc.plot(epochs, h["val_ensemble_accuracy"], "--", label=f"{arm} ensemble", color=color)
+        ax_loss.plot(epochs, h["task_loss"], label=label, color=color)
+    ax_acc.set(xlabel="epoch (equal updates per model)", ylabel="test accuracy", title="Test accuracy")
+    ax_loss.set(xlabel="epoch (equal updates per model)", ylabel="training task loss", title="Training loss", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    lows = [min(h["val_accuracy"][len(h["val_accuracy"]) // 3 :]) for h in histories.values()]
+    if lows:
+        ax_acc.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(runs: list[dict]) -> str:
+    rows = [("", *[r["arm"] for r in runs])]
+
+    def row(name, fn):
+        rows.append((name, *[fn(r) for r in runs]))
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    row("groups x batch", lambda r: f"{r['num_groups']} x {r['batch_size_per_group']}")
+    row("updates per model", lambda r: str(r["steps"]))
+    row("test accuracy (mean of groups)", lambda r: f"{mean([g['test_accuracy'] for g in r['groups']]):.4f}")
+    row("test accuracy per group", lambda r: " ".join(f"{g['test_accuracy']:.4f}" for g in r["groups"]))
+    row("ensemble test accuracy", lambda r: "-" if r["ensemble_test_accuracy"] is None else f"{r['ensemble_test_accuracy']:.4f}")
+    row("test loss (mean)", lambda r: f"{mean([g['test_loss'] for g in r['groups']]):.4f}")
+    row("train task loss (mean)", lambda r: f"{mean([g['train_loss'] for g in r['groups']]):.4f}")
+    row("bytes exchanged per step (equiv.)", lambda r: f"{r['bytes_equivalent_per_step']:,.0f}")
+    row("examples / second", lambda r: f"{r['examples_per_second']:,.0f}")
+    row("wall seconds", lambda r: f"{r['wall_seconds']:.1f}")
+    widths = [max(len(str(c)) for c in col) for col in zip(*rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
+    """Runs the configured arms and writes results.json, the plot and logs.
+
+    Raises:
+        ValueError: a bad setting, before anything is trained.
+    """
+    config.validate()
+    from models import build_model
+    from tf_codistill import data
+
+    spec = data.load_spec(config.dataset, config.data_dir, config.train_fraction)
+    if spec.num_train < config.batch_size:
+        raise ValueError(
+            f"--batch_size={config.batch_size} is larger than the training set ({spec.num_train} "
+            "examples); lower it or raise --train_fraction."
+        )
+    probe = build_model(config.model, spec.input_shape, spec.num_classes)
+    data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
+    del probe
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    runs, histories = [], {}
+    for arm in config.arms():
+        entry, history = run_arm(config, arm, spec, workdir)
+        runs.append(entry)
+        histories[arm] = history
+    results = {"runs": runs}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot_histories(histories, os.path.join(workdir, "comparison.png"))
+    print()
+    print(format_table(runs))
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config = TrainConfig.from_flags()
+    workdir = FLAGS.workdir
+    try:
+        train_and_evaluate(config, workdir)
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
+          f"TensorBoard logs (tensorboard --logdir {workdir})")
+
+
+if __name__ == "__main__":
+    app.run(main)
