@@ -315,6 +315,13 @@ class CodistillModel(keras.Model):
             scaled = self.optimizer.scale_loss(total) if self.optimizer is not None else total
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
+        # Every forward pass (peers' included) must read the weights before any
+        # update writes them: a peer's forward pass on another member's batch
+        # is not upstream of that peer's own gradient, so order it explicitly.
+        if self.codistilling:
+            reads = [ops.convert_to_tensor(z) for z in logits + teachers if z is not None]
+            with tf.control_dependencies(reads):
+                grads = [None if g is None else tf.identity(g) for g in grads]
         self.optimizer.apply_gradients(zip(grads, variables))
 
         # Metrics, on unscaled values and averaged over local members.

@@ -199,7 +199,11 @@ then
 fi
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")"
-trap 'rm -rf "$TMP"' EXIT
+PARTIAL="$WHEEL_DIR/.horovod-wheel.partial.$$"
+# Cleanup on any exit; turn INT/TERM into an exit so the EXIT trap runs.
+trap 'rm -rf "$TMP" "$PARTIAL"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 log "downloading horovod ${HOROVOD_VERSION} sdist"
 "$PY" -m pip download --quiet --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$TMP/dl" >>"$BUILD_LOG" 2>&1 \
@@ -238,8 +242,8 @@ BUILT=( "$TMP"/wheelhouse/horovod-"$HOROVOD_VERSION"-*.whl )
 [ -f "${BUILT[0]}" ] || die "build produced no wheel; see $BUILD_LOG"
 # Atomic publish: copy next to the destination, then rename within that dir.
 NAME="$(basename "${BUILT[0]}")"
-cp "${BUILT[0]}" "$WHEEL_DIR/.$NAME.partial.$$"
-mv -f "$WHEEL_DIR/.$NAME.partial.$$" "$WHEEL_DIR/$NAME"
+cp "${BUILT[0]}" "$PARTIAL"
+mv -f "$PARTIAL" "$WHEEL_DIR/$NAME"
 WHEEL="$WHEEL_DIR/$NAME"
 log "cached wheel: $WHEEL"
 
