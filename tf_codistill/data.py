@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
 import re
+import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -67,14 +70,18 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 @contextlib.contextmanager
 def _prepare_lock(builder: tfds.core.DatasetBuilder, timeout_s: float = 600.0):
-    """Serialises `download_and_prepare` across processes sharing a data_dir."""
-    root = os.fspath(builder.data_dir_root)
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, f".{builder.name}.prepare.lock")
-    with open(path, "w") as handle:
-        import time
+    """Serialises `download_and_prepare` across processes sharing a data_dir.
 
-        deadline = time.monotonic() + timeout_s
+    The lock file lives in the system temp directory, keyed by the data
+    directory, so that nothing but TFDS's own files is written to data_dir.
+    """
+    root = os.path.abspath(os.fspath(builder.data_dir_root))
+    key = hashlib.sha1(f"{root}/{builder.name}".encode()).hexdigest()[:16]
+    lock_dir = os.path.join(tempfile.gettempdir(), "tf_codistill-locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    path = os.path.join(lock_dir, f"{builder.name}-{key}.lock")
+    deadline = time.monotonic() + timeout_s
+    with open(path, "w") as handle:
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,7 +90,7 @@ def _prepare_lock(builder: tfds.core.DatasetBuilder, timeout_s: float = 600.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"waited {timeout_s:.0f}s for another process preparing {builder.name} "
-                        f"in {root}; remove {path} if no such process is running."
+                        f"in {root}; if none is running, remove {path}."
                     ) from None
                 time.sleep(0.2)
         try:
@@ -133,15 +140,22 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
     label = info.features[y_key]
     if not isinstance(label, tfds.features.ClassLabel):
         raise ValueError(f"Dataset {name!r}: label {y_key!r} is not a class label.")
-    if "train" not in info.splits or "test" not in info.splits:
-        splits = sorted(info.splits.keys())
-        if "train" in info.splits and "validation" in info.splits:
-            test_split = "validation"
-        else:
-            raise ValueError(f"Dataset {name!r} needs a train and a test split; has {splits}.")
+    if not info.splits:
+        # Split sizes unknown (e.g. under tfds.testing.mock_data): count them.
+        def count(split):
+            return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
+
+        test_split, num_train_all, num_test = "test", count("train"), count("test")
     else:
-        test_split = "test"
-    num_train_all = info.splits["train"].num_examples
+        if "train" not in info.splits:
+            raise ValueError(f"Dataset {name!r} has no train split; has {sorted(info.splits.keys())}.")
+        test_split = next((s for s in ("test", "validation") if s in info.splits), None)
+        if test_split is None:
+            raise ValueError(
+                f"Dataset {name!r} needs a test or validation split; has {sorted(info.splits.keys())}."
+            )
+        num_train_all = info.splits["train"].num_examples
+        num_test = info.splits[test_split].num_examples
     num_train = max(1, int(num_train_all * train_fraction))
     train_split = "train" if num_train == num_train_all else f"train[:{num_train}]"
     return DatasetSpec(
@@ -149,7 +163,7 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
         input_shape=tuple(info.features[x_key].shape),
         num_classes=label.num_classes,
         num_train=num_train,
-        num_test=info.splits[test_split].num_examples,
+        num_test=num_test,
         train_split=train_split,
         test_split=test_split,
     )

@@ -1,0 +1,98 @@
+"""train.py end to end on a tiny configuration, and its start-up errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, python_env
+
+import train
+
+TINY = dict(dataset="mnist1d", model="cnn1d", batch_size=64, steps=40, warmup_epochs=0.1, verbose=0)
+
+
+def test_both_arms_end_to_end(tmp_path, data_dir):
+    config = train.TrainConfig(**TINY, data_dir=data_dir, num_groups=2, seed=1)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    runs = {r["arm"]: r for r in on_disk["runs"]}
+    assert set(runs) == {"sync", "codistill"}
+    for arm, groups in (("sync", 1), ("codistill", 2)):
+        run = runs[arm]
+        for key in (
+            "arm", "num_groups", "world_size", "exchange", "dataset", "model", "seed", "steps", "groups",
+            "ensemble_test_accuracy", "bytes_sent_per_step", "examples_per_second", "wall_seconds",
+        ):
+            assert key in run, key
+        assert run["num_groups"] == groups and run["steps"] == 40 and run["seed"] == 1
+        assert [g["group"] for g in run["groups"]] == list(range(groups))
+        for g in run["groups"]:
+            assert 0.0 <= g["test_accuracy"] <= 1.0 and g["test_loss"] > 0 and g["train_loss"] > 0
+        assert run["examples_per_second"] > 0 and run["wall_seconds"] > 0
+        assert os.listdir(tmp_path / arm / "tensorboard")
+        assert (tmp_path / arm / "history.csv").exists()
+    assert runs["sync"]["ensemble_test_accuracy"] is None
+    assert 0.0 <= runs["codistill"]["ensemble_test_accuracy"] <= 1.0
+    assert runs["codistill"]["batch_size_per_group"] == 32 and runs["sync"]["batch_size_per_group"] == 64
+    # The tiny run still learns something (chance is 0.1).
+    assert runs["sync"]["groups"][0]["test_accuracy"] > 0.2
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_paper_fix_settings_apply_to_the_codistillation_arm_only():
+    config = train.TrainConfig(
+        **TINY, lr_milestones="goyal", codistill_lr_milestones="delayed", codistill_wd_schedule="paper"
+    )
+    _, _, lr_sync, wd_sync, _ = train._arm_settings(config, "sync", 450, 10)
+    _, batch, lr_co, wd_co, _ = train._arm_settings(config, "codistill", 450, 10)
+    assert lr_sync.boundaries == [150, 300, 400] and lr_co.boundaries == [180, 380, 440]
+    assert wd_sync == pytest.approx(1e-4)
+    assert [float(wd_co(s)) for s in (0, 180, 380)] == pytest.approx([1e-4, 1e-5, 0.0])
+    assert batch == 32 and lr_co.peak_lr == pytest.approx(0.4 * 32 / 256)
+
+
+BAD = [
+    (dict(num_groups=0), "--num_groups must be >= 1"),
+    (dict(alpha=-0.5), "--alpha must be >= 0"),
+    (dict(distance="kl", temperature=0.0), "temperature must be > 0"),
+    (dict(batch_size=65, num_groups=2), "not divisible by --num_groups=2"),
+    (dict(model="vgg"), "Unknown model 'vgg'"),
+    (dict(lr_milestones="0.9,0.2"), "increasing fractions"),
+    (dict(wd_schedule="paper", lr_schedule="cosine"), "use --lr_schedule=step"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
+def test_bad_settings_fail_before_training(overrides, message, tmp_path):
+    config = dataclasses.replace(train.TrainConfig(**TINY), **overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_dataset_fails_before_training(tmp_path, data_dir):
+    config = train.TrainConfig(**{**TINY, "dataset": "no_such_set"}, data_dir=data_dir)
+    with pytest.raises(ValueError, match="Unknown dataset 'no_such_set'"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [("--num_groups=0", "--num_groups must be >= 1"), ("--dataset=no_such_set", "Unknown dataset")],
+)
+def test_command_line_errors_are_one_clear_line(flag, message, tmp_path, data_dir):
+    proc = subprocess.run(
+        [sys.executable, "train.py", flag, f"--workdir={tmp_path}", f"--data_dir={data_dir}"],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "train.py: error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
