@@ -48,17 +48,26 @@ flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD with momentum 0.9, o
 flags.DEFINE_float("base_lr", 0.4, "Learning rate per 256 examples of a model's batch (Goyal et al.).")
 flags.DEFINE_enum("lr_schedule", "step", ["step", "cosine", "constant"], "Learning-rate schedule.")
 flags.DEFINE_string(
-    "lr_milestones", "goyal", "Step decays (x0.1): 'goyal' (1/3, 2/3, 8/9 of the run), "
-    "'delayed' (the paper's fix, 18/38/44 of 45) or comma-separated fractions of the run."
+    "lr_milestones",
+    "goyal",
+    "Step decays (x0.1): 'goyal' (1/3, 2/3, 8/9 of the run), "
+    "'delayed' (the paper's fix, 18/38/44 of 45) or comma-separated fractions of the run.",
 )
 flags.DEFINE_string("codistill_lr_milestones", None, "Milestones for the codistillation arm only.")
 flags.DEFINE_float("warmup_epochs", 2.0, "Linear warmup length in (sync) epochs.")
 flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on kernels (the constant, or the first value).")
 flags.DEFINE_enum(
-    "wd_schedule", "constant", ["constant", "paper"],
+    "wd_schedule",
+    "constant",
+    ["constant", "paper"],
     "'paper': weight_decay, then /10 after the first lr decay, then 0 after the second.",
 )
-flags.DEFINE_enum("codistill_wd_schedule", None, ["constant", "paper"], "Weight-decay schedule for the codistillation arm only.")
+flags.DEFINE_enum(
+    "codistill_wd_schedule",
+    None,
+    ["constant", "paper"],
+    "Weight-decay schedule for the codistillation arm only.",
+)
 flags.DEFINE_float("alpha", 1.0, "Weight of the distillation term.")
 flags.DEFINE_enum("distance", "kl", ["mse", "kl", "reverse_kl"], "Distance to the peers' logits.")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature for the KL distances.")
@@ -110,7 +119,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ValueError naming the bad setting and what to do instead."""
         from models import MODELS
-
         from tf_codistill.losses import get_distance
 
         def bad(msg):
@@ -121,7 +129,9 @@ class TrainConfig:
         if self.num_groups < 1:
             bad(f"--num_groups must be >= 1, got {self.num_groups}.")
         if self.mode != "sync" and self.num_groups < 2:
-            bad(f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one).")
+            bad(
+                f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one)."
+            )
         if self.data_mode not in ("shared", "independent"):
             bad(f"--data_mode must be shared or independent; got {self.data_mode!r}.")
         if self.model not in MODELS:
@@ -202,9 +212,7 @@ def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epo
     else:
         lr = schedules.WarmupPiecewiseDecay(peak, [], 0.1, warmup)
     if wd_kind == "paper" and config.weight_decay > 0:
-        wd = schedules.paper_weight_decay(
-            boundaries, (config.weight_decay, config.weight_decay / 10, 0.0)
-        )
+        wd = schedules.paper_weight_decay(boundaries, (config.weight_decay, config.weight_decay / 10, 0.0))
     else:
         wd = config.weight_decay
     alpha = schedules.AlphaSchedule(config.alpha, config.burn_in_steps, config.alpha_ramp_steps)
@@ -274,7 +282,9 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, di
     timer = TrainTimer()
     callbacks = [
         timer,
-        keras.callbacks.TensorBoard(os.path.join(arm_dir, "tensorboard"), update_freq=max(1, steps_per_epoch // 4)),
+        keras.callbacks.TensorBoard(
+            os.path.join(arm_dir, "tensorboard"), update_freq=max(1, steps_per_epoch // 4)
+        ),
         keras.callbacks.CSVLogger(os.path.join(arm_dir, "history.csv")),
     ]
     print(
@@ -364,7 +374,12 @@ def plot_histories(histories: dict[str, dict], path: str) -> None:
             ax_acc.plot(epochs, h["val_ensemble_accuracy"], "--", label=f"{arm} ensemble", color=color)
         ax_loss.plot(epochs, h["task_loss"], label=label, color=color)
     ax_acc.set(xlabel="epoch (equal updates per model)", ylabel="test accuracy", title="Test accuracy")
-    ax_loss.set(xlabel="epoch (equal updates per model)", ylabel="training task loss", title="Training loss", yscale="log")
+    ax_loss.set(
+        xlabel="epoch (equal updates per model)",
+        ylabel="training task loss",
+        title="Training loss",
+        yscale="log",
+    )
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -389,7 +404,10 @@ def format_table(runs: list[dict]) -> str:
     row("updates per model", lambda r: str(r["steps"]))
     row("test accuracy (mean of groups)", lambda r: f"{mean([g['test_accuracy'] for g in r['groups']]):.4f}")
     row("test accuracy per group", lambda r: " ".join(f"{g['test_accuracy']:.4f}" for g in r["groups"]))
-    row("ensemble test accuracy", lambda r: "-" if r["ensemble_test_accuracy"] is None else f"{r['ensemble_test_accuracy']:.4f}")
+    row(
+        "ensemble test accuracy",
+        lambda r: "-" if r["ensemble_test_accuracy"] is None else f"{r['ensemble_test_accuracy']:.4f}",
+    )
     row("test loss (mean)", lambda r: f"{mean([g['test_loss'] for g in r['groups']]):.4f}")
     row("train task loss (mean)", lambda r: f"{mean([g['train_loss'] for g in r['groups']]):.4f}")
     row("bytes exchanged per step (equiv.)", lambda r: f"{r['bytes_equivalent_per_step']:,.0f}")
@@ -450,8 +468,10 @@ def main(argv):
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
-          f"TensorBoard logs (tensorboard --logdir {workdir})")
+    print(
+        f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
+        f"TensorBoard logs (tensorboard --logdir {workdir})"
+    )
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_weight_decay_is_coupled_l2_on_kernels_and_follows_schedule():
     b = CodistillModel(decayed, weight_decay=paper_weight_decay([1, 2], (wd, wd / 10, 0.0)))
     for m in (a, b):
         m.compile(optimizer=keras.optimizers.SGD(lr))
-    for step, coeff in enumerate([wd, wd / 10, 0.0]):
+    for coeff in [wd, wd / 10, 0.0]:
         before = _weights(decayed[0])
         a.train_on_batch(x, y)
         b.train_on_batch(x, y)
@@ -263,4 +263,3 @@ def test_one_and_two_replicas_give_the_same_update():
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-

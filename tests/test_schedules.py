@@ -43,6 +43,8 @@ def test_goyal_scaling_and_milestones():
 
 def test_paper_weight_decay_follows_lr_decays():
     wd = schedules.paper_weight_decay([30, 60, 80])
-    np.testing.assert_allclose(_values(wd, [0, 29, 30, 59, 60, 100]), [1e-4, 1e-4, 1e-5, 1e-5, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        _values(wd, [0, 29, 30, 59, 60, 100]), [1e-4, 1e-4, 1e-5, 1e-5, 0, 0], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="first two learning-rate decays"):
         schedules.paper_weight_decay([30])

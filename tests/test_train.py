@@ -24,8 +24,19 @@ def test_both_arms_end_to_end(tmp_path, data_dir):
     for arm, groups in (("sync", 1), ("codistill", 2)):
         run = runs[arm]
         for key in (
-            "arm", "num_groups", "world_size", "exchange", "dataset", "model", "seed", "steps", "groups",
-            "ensemble_test_accuracy", "bytes_sent_per_step", "examples_per_second", "wall_seconds",
+            "arm",
+            "num_groups",
+            "world_size",
+            "exchange",
+            "dataset",
+            "model",
+            "seed",
+            "steps",
+            "groups",
+            "ensemble_test_accuracy",
+            "bytes_sent_per_step",
+            "examples_per_second",
+            "wall_seconds",
         ):
             assert key in run, key
         assert run["num_groups"] == groups and run["steps"] == 40 and run["seed"] == 1

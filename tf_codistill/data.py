@@ -213,9 +213,9 @@ def independent_batches(
     data order (seed + member index)."""
     streams = [train_batches(spec, batch_size, seed + 1000 * i, data_dir) for i in range(num_members)]
     zipped = tf.data.Dataset.zip(tuple(streams))
-    return zipped.map(
-        lambda *pairs: (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
-    ).prefetch(tf.data.AUTOTUNE)
+    return zipped.map(lambda *pairs: (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))).prefetch(
+        tf.data.AUTOTUNE
+    )
 
 
 def eval_batches(spec: DatasetSpec, batch_size: int = 1000, data_dir: str | None = None):

@@ -126,9 +126,7 @@ DISTANCES = {
 }
 
 
-def get_distance(
-    distance: str | CodistillDistance, temperature: float = 1.0
-) -> CodistillDistance:
+def get_distance(distance: str | CodistillDistance, temperature: float = 1.0) -> CodistillDistance:
     """Resolves a distance by name, or returns a `CodistillDistance` as is.
 
     Args:

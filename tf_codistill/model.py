@@ -330,7 +330,9 @@ class CodistillModel(keras.Model):
         unscale = float(replicas) / n
         batch = ops.shape(logits[0])[0]
         self._loss_tracker.update_state(total * unscale, sample_weight=batch)
-        self._trackers["task_loss"].update_state(ops.sum(ops.stack(task_losses)) * unscale, sample_weight=batch)
+        self._trackers["task_loss"].update_state(
+            ops.sum(ops.stack(task_losses)) * unscale, sample_weight=batch
+        )
         for tracker, task in zip(self._member_task, task_losses):
             tracker.update_state(task * replicas, sample_weight=batch)
         if distill_losses:
@@ -412,7 +414,5 @@ def _build_members(members, num_groups) -> list[keras.Model]:
         if not isinstance(m, keras.Model):
             raise ValueError(f"member {i} is a {type(m).__name__}, not a keras.Model.")
     if len({id(m) for m in members}) != len(members):
-        raise ValueError(
-            "The same model object was passed twice; every member needs its own weights."
-        )
+        raise ValueError("The same model object was passed twice; every member needs its own weights.")
     return members

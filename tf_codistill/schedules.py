@@ -46,8 +46,7 @@ def milestone_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
     for f in fractions:
         if not 0.0 < f < 1.0:
             raise ValueError(
-                f"learning-rate milestones are fractions of the run in (0, 1); "
-                f"got {list(fractions)}."
+                f"learning-rate milestones are fractions of the run in (0, 1); got {list(fractions)}."
             )
     if list(fractions) != sorted(fractions):
         raise ValueError(f"learning-rate milestones must increase; got {list(fractions)}.")
@@ -126,9 +125,7 @@ class WarmupCosineDecay(Schedule):
         if peak_lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
         if not 0 <= warmup_steps < total_steps:
-            raise ValueError(
-                f"need 0 <= warmup_steps < total_steps; got {warmup_steps} and {total_steps}."
-            )
+            raise ValueError(f"need 0 <= warmup_steps < total_steps; got {warmup_steps} and {total_steps}.")
         self.peak_lr = float(peak_lr)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
@@ -188,8 +185,7 @@ class AlphaSchedule(Schedule):
             )
         if burn_in_steps < 0 or ramp_steps < 0:
             raise ValueError(
-                f"burn_in_steps and ramp_steps must be >= 0; got {burn_in_steps} "
-                f"and {ramp_steps}."
+                f"burn_in_steps and ramp_steps must be >= 0; got {burn_in_steps} and {ramp_steps}."
             )
         self.alpha = float(alpha)
         self.burn_in_steps = int(burn_in_steps)

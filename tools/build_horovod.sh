@@ -12,7 +12,7 @@
 #   2. Cached wheel for this TF version in
 #      ${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}/wheels/tf-<version>/
 #      -> pip install --no-deps it, verify, exit.
-#   3. Otherwise build from the PyPI sdist (about 8 min on 2 cores), with two
+#   3. Otherwise build from the PyPI sdist (about 3-8 min on 2 cores), with two
 #      source fixes (see patch_sdist below), store the wheel in the cache
 #      atomically, install it, verify.
 #
@@ -222,7 +222,7 @@ sed -i '/xla_mpi_ops\.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
 # Source fix 2 is not a source edit: TF's headers include <farmhash.h>, which
 # is provided by libfarmhash-dev (step 3a).
 
-log "building wheel (MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}; ~8 min on 2 cores); log: $BUILD_LOG"
+log "building wheel (MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}; ~3-8 min on 2 cores); log: $BUILD_LOG"
 start=$(date +%s)
 (
     cd "$SRC"
