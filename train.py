@@ -32,10 +32,22 @@ flags.DEFINE_enum("mode", "both", ["sync", "codistill", "both"], "Which arms to 
 flags.DEFINE_integer("num_groups", 2, "Groups (models) in the codistillation arm.")
 flags.DEFINE_enum(
     "data_mode",
-    "independent",
-    ["shared", "independent"],
+    "auto",
+    ["auto", "shared", "independent"],
     "Codistillation: every group sees the same batch (shared, the semantics of per-step "
-    "prediction exchange) or each draws its own (independent, the paper's setting).",
+    "prediction exchange) or each draws its own (independent, the paper's setting). "
+    "auto: independent for the local exchange, shared for horovod.",
+)
+flags.DEFINE_enum(
+    "exchange",
+    "auto",
+    ["auto", "local", "horovod"],
+    "How groups exchange predictions: local (all groups in this process) or horovod (one "
+    "process per worker, launched by tf_codistill.launch or horovodrun). auto: horovod when "
+    "launched under Horovod, else local.",
+)
+flags.DEFINE_float(
+    "collective_timeout", 120.0, "Seconds any collective or rendezvous may wait before the job fails."
 )
 flags.DEFINE_string("dataset", "mnist1d", "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS's default when unset).")
@@ -84,7 +96,9 @@ class TrainConfig:
 
     mode: str = "both"
     num_groups: int = 2
-    data_mode: str = "independent"
+    data_mode: str = "auto"
+    exchange: str = "auto"
+    collective_timeout: float = 120.0
     dataset: str = "mnist1d"
     data_dir: str | None = None
     train_fraction: float = 1.0
@@ -116,6 +130,16 @@ class TrainConfig:
     def arms(self) -> list[str]:
         return ["sync", "codistill"] if self.mode == "both" else [self.mode]
 
+    def resolved_exchange(self) -> str:
+        if self.exchange == "auto":
+            return "horovod" if "HOROVOD_RANK" in os.environ else "local"
+        return self.exchange
+
+    def resolved_data_mode(self) -> str:
+        if self.data_mode == "auto":
+            return "shared" if self.resolved_exchange() == "horovod" else "independent"
+        return self.data_mode
+
     def validate(self) -> None:
         """Raises ValueError naming the bad setting and what to do instead."""
         from models import MODELS
@@ -132,8 +156,23 @@ class TrainConfig:
             bad(
                 f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one)."
             )
-        if self.data_mode not in ("shared", "independent"):
-            bad(f"--data_mode must be shared or independent; got {self.data_mode!r}.")
+        if self.data_mode not in ("auto", "shared", "independent"):
+            bad(f"--data_mode must be auto, shared or independent; got {self.data_mode!r}.")
+        if self.exchange not in ("auto", "local", "horovod"):
+            bad(f"--exchange must be auto, local or horovod; got {self.exchange!r}.")
+        if self.collective_timeout <= 0:
+            bad(f"--collective_timeout must be > 0 seconds, got {self.collective_timeout}.")
+        if self.resolved_exchange() == "horovod":
+            if self.mode == "both":
+                bad(
+                    "--mode=both runs both arms in one process; a multi-process job runs one arm. "
+                    "Launch --mode=sync and --mode=codistill separately."
+                )
+            if self.mode == "codistill" and self.resolved_data_mode() == "independent":
+                bad(
+                    "--exchange=horovod swaps predictions on the same examples every step, which "
+                    "needs --data_mode=shared; independent data orders need the stale-weights exchange."
+                )
         if self.model not in MODELS:
             bad(f"Unknown model {self.model!r}. Choose one of {sorted(MODELS)}.")
         if self.batch_size < 1:
@@ -239,59 +278,163 @@ class TrainTimer(keras.callbacks.Callback):
         self.on_test_begin()
 
 
-def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, dict]:
-    """Trains and evaluates one arm. Returns (results.json run entry, history)."""
-    from models import build_model, count_params
-    from tf_codistill import CodistillModel, data
+class StepLogger(keras.callbacks.Callback):
+    """Writes every training batch's logs (running epoch means) as JSON lines."""
 
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self._file = None
+        self._step = 0
+
+    def on_train_begin(self, logs=None):
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        row = {"step": self._step, **{k: float(v) for k, v in (logs or {}).items()}}
+        self._file.write(json.dumps(row) + "\n")
+
+    def on_train_end(self, logs=None):
+        self._file.close()
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Where an arm runs: one process (all groups local), or this process's
+    place in a Horovod job with its group's strategy."""
+
+    topology: object = None
+    strategy: object = None
+    pair_set: object = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.topology is not None
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size if self.distributed else 1
+
+
+def start_runtime(config: TrainConfig) -> Runtime:
+    """Joins the Horovod job and builds this group's strategy. Runs before any
+    other TensorFlow op (MultiWorkerMirroredStrategy requires it)."""
+    from tf_codistill import topology
+
+    groups = 1 if config.mode == "sync" else config.num_groups
+    topo, _, pair_set = topology.init_horovod(groups, config.collective_timeout)
+    strategy = topology.make_group_strategy(topo, config.collective_timeout)
+    return Runtime(topology=topo, strategy=strategy, pair_set=pair_set)
+
+
+def _train_data(config, spec, runtime, groups, batch_per_model):
+    """Training batches for this process. Multi-process: each worker reads its
+    shard (by rank in group) of a stream shuffled with the same seed in every
+    group, so paired workers read identical batches."""
+    from tf_codistill import data
+
+    if not runtime.distributed:
+        if groups > 1 and config.resolved_data_mode() == "independent":
+            return data.independent_batches(spec, batch_per_model, groups, config.seed, config.data_dir)
+        return data.train_batches(spec, batch_per_model, config.seed, config.data_dir)
+    topo = runtime.topology
+    per_worker = config.batch_size // topo.world_size
+
+    def dataset_fn(context):
+        shard = (topo.rank_in_group, topo.group_size)
+        return data.train_batches(spec, per_worker, config.seed, config.data_dir, shard=shard)
+
+    return runtime.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _test_data(config, spec, runtime):
+    from tf_codistill import data
+
+    if not runtime.distributed:
+        return data.eval_batches(spec, 1000, config.data_dir)
+    topo = runtime.topology
+    usable = spec.num_test - spec.num_test % topo.group_size  # equal shards: equal step counts
+
+    def dataset_fn(context):
+        return data.eval_batches(
+            spec, 500, config.data_dir, shard=(topo.rank_in_group, topo.group_size), limit=usable
+        )
+
+    return runtime.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime | None = None):
+    """Trains and evaluates one arm. Returns (results.json run entry, history);
+    in a multi-process job the entry describes this process's group."""
+    from models import build_model, count_params
+    from tf_codistill import CodistillModel
+
+    runtime = runtime or Runtime()
+    strategy = runtime.strategy or tf_default_strategy()
     steps_per_epoch = max(1, spec.num_train // config.batch_size)
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     epochs = max(1, -(-total_steps // steps_per_epoch))
     steps_per_epoch = min(steps_per_epoch, total_steps)
     groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
+    local_groups = list(range(groups))
+    exchange = None
+    if runtime.distributed:
+        local_groups = [runtime.topology.group]
+        if groups > 1:
+            from tf_codistill.exchange import HorovodExchange
+
+            exchange = HorovodExchange(runtime.topology, runtime.pair_set)
 
     keras.utils.set_random_seed(config.seed)
-    members = [
-        build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + i)
-        for i in range(groups)
-    ]
-    model = CodistillModel(
-        members,
-        distance=config.distance,
-        temperature=config.temperature,
-        alpha=alpha,
-        data_mode=config.data_mode if groups > 1 else "shared",
-        weight_decay=wd,
-        num_classes=spec.num_classes,
-        name=arm,
-    )
-    if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(lr, momentum=0.9)
-    else:
-        optimizer = keras.optimizers.Adam(lr)
-    model.compile(optimizer=optimizer, metrics=["accuracy"])
+    with strategy.scope():
+        members = [
+            build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + g)
+            for g in local_groups
+        ]
+        model = CodistillModel(
+            members,
+            distance=config.distance,
+            temperature=config.temperature,
+            alpha=alpha,
+            data_mode=config.resolved_data_mode() if groups > 1 else "shared",
+            exchange=exchange,
+            weight_decay=wd,
+            num_classes=spec.num_classes,
+            name=arm,
+        )
+        if config.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(lr, momentum=0.9)
+        else:
+            optimizer = keras.optimizers.Adam(lr)
+        model.compile(optimizer=optimizer, metrics=["accuracy"])
 
-    if groups > 1 and config.data_mode == "independent":
-        train_ds = data.independent_batches(spec, batch, groups, config.seed, config.data_dir)
-    else:
-        train_ds = data.train_batches(spec, batch, config.seed, config.data_dir)
-    test_ds = data.eval_batches(spec, 1000, config.data_dir)
+    train_ds = _train_data(config, spec, runtime, groups, batch)
+    test_ds = _test_data(config, spec, runtime)
 
     arm_dir = os.path.join(workdir, arm)
     os.makedirs(arm_dir, exist_ok=True)
     timer = TrainTimer()
-    callbacks = [
-        timer,
-        keras.callbacks.TensorBoard(
-            os.path.join(arm_dir, "tensorboard"), update_freq=max(1, steps_per_epoch // 4)
-        ),
-        keras.callbacks.CSVLogger(os.path.join(arm_dir, "history.csv")),
-    ]
+    callbacks = [timer]
+    tag = ""
+    if runtime.distributed:
+        tag = f".rank{runtime.topology.rank}"
+    if not runtime.distributed or runtime.topology.is_group_chief:
+        tb_dir = os.path.join(arm_dir, "tensorboard")
+        if runtime.distributed:
+            tb_dir = os.path.join(tb_dir, f"group{runtime.topology.group}")
+        callbacks += [
+            keras.callbacks.TensorBoard(tb_dir, update_freq=max(1, steps_per_epoch // 4)),
+            keras.callbacks.CSVLogger(os.path.join(arm_dir, f"history{tag}.csv")),
+        ]
+    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl")))
+    where = f"rank {runtime.topology.rank} (group {runtime.topology.group}) " if runtime.distributed else ""
     print(
-        f"[{arm}] {groups} group(s) x batch {batch}, {total_steps} updates per model "
+        f"[{arm}] {where}{groups} group(s) x batch {batch}, {epochs * steps_per_epoch} updates per model "
         f"({epochs} epochs of {steps_per_epoch} steps), model {config.model} on {spec.name}",
         flush=True,
     )
+    verbose = config.verbose if not runtime.distributed or runtime.topology.rank == 0 else 0
     start = time.perf_counter()
     history = model.fit(
         train_ds,
@@ -299,7 +442,7 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, di
         steps_per_epoch=steps_per_epoch,
         validation_data=test_ds,
         callbacks=callbacks,
-        verbose=config.verbose,
+        verbose=verbose,
         shuffle=False,
     ).history
     wall = time.perf_counter() - start
@@ -307,32 +450,48 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, di
 
     num_params = count_params(members[0])
     per_group = []
-    for i in range(groups):
-        prefix = f"g{i}_" if groups > 1 else ""
+    for i, g in enumerate(local_groups):
+        prefix = f"g{i}_" if len(local_groups) > 1 else ""
         per_group.append(
             {
-                "group": i,
+                "group": g,
                 "test_accuracy": float(final[f"{prefix}accuracy"]),
                 "test_loss": float(final[f"{prefix}loss"]),
                 "train_loss": float(history[f"{prefix}task_loss"][-1]),
             }
         )
     steps_run = epochs * steps_per_epoch
-    if groups > 1:
-        # An all-gather of every group's logits: each worker sends its own
-        # (batch x classes) block to each of the other groups.
-        equivalent = (groups - 1) * batch * spec.num_classes * 4
+    world = runtime.world_size
+    if runtime.distributed:
+        group_size = runtime.topology.group_size
+        in_group = 2 * (group_size - 1) / group_size * num_params * 4
+        cross_group = (
+            exchange.bytes_sent_per_step(batch // group_size, spec.num_classes, num_params)
+            if exchange
+            else 0.0
+        )
+        sent = in_group + cross_group
+        equivalent = sent
     else:
-        # Ring all-reduce of the gradient over the workers a sync job would use
-        # (as many as the codistillation arm has groups).
-        workers = max(config.num_groups, 1)
-        equivalent = 2 * (workers - 1) / workers * num_params * 4
+        in_group = cross_group = sent = 0.0
+        if groups > 1:
+            # An all-gather of every group's logits: each worker sends its own
+            # (batch x classes) block to each of the other groups.
+            equivalent = (groups - 1) * batch * spec.num_classes * 4
+        else:
+            # Ring all-reduce of the gradient over as many workers as the
+            # codistillation arm has groups.
+            workers = max(config.num_groups, 1)
+            equivalent = 2 * (workers - 1) / workers * num_params * 4
+    ensemble = final.get("ensemble_accuracy")
     entry = {
         "arm": arm,
         "num_groups": groups,
-        "world_size": 1,
-        "exchange": "local" if groups > 1 else "none",
-        "data_mode": config.data_mode if groups > 1 else "shared",
+        "world_size": world,
+        "exchange": (exchange.name if exchange else "local")
+        if groups > 1
+        else ("allreduce" if world > 1 else "none"),
+        "data_mode": config.resolved_data_mode() if groups > 1 else "shared",
         "dataset": spec.name,
         "model": config.model,
         "seed": config.seed,
@@ -340,19 +499,33 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str) -> tuple[dict, di
         "epochs": epochs,
         "batch_size_per_group": batch,
         "groups": per_group,
-        "ensemble_test_accuracy": float(final["ensemble_accuracy"]) if groups > 1 else None,
-        "bytes_sent_per_step": 0.0,
+        "ensemble_test_accuracy": float(ensemble) if ensemble is not None and groups > 1 else None,
+        "bytes_sent_per_step": float(sent),
+        "bytes_in_group_per_step": float(in_group),
+        "bytes_cross_group_per_step": float(cross_group),
         "bytes_equivalent_per_step": float(equivalent),
         "params_per_model": num_params,
-        "examples_per_second": steps_run * batch * groups / max(timer.seconds, 1e-9),
+        "examples_per_second": steps_run * batch * len(local_groups) / max(timer.seconds, 1e-9),
         "wall_seconds": wall,
         "train_seconds": timer.seconds,
     }
+    if runtime.distributed:
+        entry["examples_per_second"] = steps_run * config.batch_size / max(timer.seconds, 1e-9)
+        entry["weights_checksum"] = float(
+            sum(float(v.numpy().astype("float64").sum()) for v in members[0].weights)
+        )
     if groups > 1:
         entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
-    with open(os.path.join(arm_dir, "history.json"), "w") as f:
-        json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
+    if not runtime.distributed or runtime.topology.is_group_chief:
+        with open(os.path.join(arm_dir, f"history{tag}.json"), "w") as f:
+            json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
     return entry, history
+
+
+def tf_default_strategy():
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy()
 
 
 # ------------------------------------------------------------------------ report
@@ -422,10 +595,15 @@ def format_table(runs: list[dict]) -> str:
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     """Runs the configured arms and writes results.json, the plot and logs.
 
+    Under Horovod (`--exchange=horovod`, or launched by tf_codistill.launch)
+    this process joins the job and trains its group's model; rank 0 gathers
+    every group's results and writes the files.
+
     Raises:
         ValueError: a bad setting, before anything is trained.
     """
     config.validate()
+    runtime = start_runtime(config) if config.resolved_exchange() == "horovod" else Runtime()
     from models import build_model
     from tf_codistill import data
 
@@ -435,25 +613,56 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             f"--batch_size={config.batch_size} is larger than the training set ({spec.num_train} "
             "examples); lower it or raise --train_fraction."
         )
+    if config.batch_size % runtime.world_size:
+        raise ValueError(
+            f"--batch_size={config.batch_size} is not divisible by the {runtime.world_size} workers; "
+            "every worker takes batch_size / workers examples per step."
+        )
     probe = build_model(config.model, spec.input_shape, spec.num_classes)
     data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
     del probe
 
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+    is_writer = not runtime.distributed or runtime.topology.rank == 0
+    if is_writer:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
     runs, histories = [], {}
     for arm in config.arms():
-        entry, history = run_arm(config, arm, spec, workdir)
+        entry, history = run_arm(config, arm, spec, workdir, runtime)
+        if runtime.distributed:
+            entry = _merge_ranks(entry, runtime)
         runs.append(entry)
         histories[arm] = history
     results = {"runs": runs}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    plot_histories(histories, os.path.join(workdir, "comparison.png"))
-    print()
-    print(format_table(runs))
+    if is_writer:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        plot_histories(histories, os.path.join(workdir, "comparison.png"))
+        print()
+        print(format_table(runs))
     return results
+
+
+def _merge_ranks(entry: dict, runtime: Runtime) -> dict:
+    """Gathers every rank's entry; one entry for the job, groups from the
+    group chiefs, per-rank weight checksums under "ranks"."""
+    import horovod.tensorflow as hvd
+
+    topo = runtime.topology
+    everyone = hvd.allgather_object({"rank": topo.rank, "group": topo.group, **entry}, name="results")
+    merged = dict(entry)
+    chiefs = sorted((e for e in everyone if e["rank"] % topo.group_size == 0), key=lambda e: e["group"])
+    merged["groups"] = [e["groups"][0] for e in chiefs]
+    merged["ranks"] = [
+        {"rank": e["rank"], "group": e["group"], "weights_checksum": e["weights_checksum"]}
+        for e in sorted(everyone, key=lambda e: e["rank"])
+    ]
+    merged.pop("weights_checksum", None)
+    merged["wall_seconds"] = max(e["wall_seconds"] for e in everyone)
+    merged["train_seconds"] = max(e["train_seconds"] for e in everyone)
+    merged["examples_per_second"] = min(e["examples_per_second"] for e in everyone)
+    return merged
 
 
 def main(argv):

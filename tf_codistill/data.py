@@ -218,9 +218,26 @@ def independent_batches(
     )
 
 
-def eval_batches(spec: DatasetSpec, batch_size: int = 1000, data_dir: str | None = None):
-    """The test split, in order, batched."""
-    ds = _split(spec, spec.test_split, data_dir, None)
+def eval_batches(
+    spec: DatasetSpec,
+    batch_size: int = 1000,
+    data_dir: str | None = None,
+    shard: tuple[int, int] | None = None,
+    limit: int | None = None,
+):
+    """The test split, in order, batched.
+
+    Args:
+        shard: `(index, count)` to read only every count-th example.
+        limit: use only the first `limit` test examples (before sharding).
+    """
+    builder = _prepared_builder(spec.name, data_dir)
+    ds = builder.as_dataset(split=spec.test_split, as_supervised=True, shuffle_files=False)
+    if limit is not None:
+        ds = ds.take(limit)
+    if shard is not None:
+        ds = ds.shard(shard[1], shard[0])
+    ds = ds.map(_normalise, num_parallel_calls=tf.data.AUTOTUNE).cache()
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -36,6 +36,21 @@ def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def _multi_worker(strategy) -> bool:
+    """True under MultiWorkerMirroredStrategy with more than one worker (the
+    same test Keras applies before its cross-worker reductions)."""
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        in_multi_worker_mode and in_multi_worker_mode()
+    )
+
+
+def _local_value(value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
+
+
 def _weighted_mean(values, sample_weight=None):
     """Batch mean of per-example values, scaled for the distribution strategy
     the way Keras scales its own losses (so SUM-reduced gradients average)."""
@@ -203,9 +218,15 @@ class CodistillModel(keras.Model):
         self._member_eval_loss = [keras.metrics.Mean(name=f"g{i}_loss") for i in range(n)] if many else []
         self._pooled_metrics = [make("") for make in factories]
         self._member_metrics = [[make(f"g{i}_") for make in factories] for i in range(n)] if many else []
-        self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if many else None
-        self._ensemble_metrics = [make("ensemble_") for make in factories] if many else []
+        ensemble = many or self.codistilling
+        self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if ensemble else None
+        self._ensemble_metrics = [make("ensemble_") for make in factories] if ensemble else []
         kwargs.setdefault("jit_compile", False)
+        if kwargs["jit_compile"] is True and not self.exchange.allows_xla:
+            raise ValueError(
+                f"The {self.exchange.name} exchange runs collectives that must not be XLA-compiled; "
+                "compile with jit_compile=False."
+            )
         super().compile(optimizer=optimizer, loss=None, metrics=None, **kwargs)
 
     @property
@@ -219,6 +240,34 @@ class CodistillModel(keras.Model):
         if self._ensemble_loss is not None:
             ms += [self._ensemble_loss, *self._ensemble_metrics]
         return ms
+
+    # ------------------------------------------- Keras 3 multi-worker fixes
+    # Keras 3.12-3.15 `fit`/`evaluate` fail under MultiWorkerMirroredStrategy
+    # with more than one worker (tensorflow#72388, keras#20585):
+    #  1. `_maybe_symbolic_build` calls `strategy.reduce("MEAN", batch)` on the
+    #     whole (x, y) structure of PerReplica values, which MWMS rejects.
+    #     The build only needs shapes, so it is given this worker's batch.
+    #  2. Step logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
+    #     which fails on scalars. Under multi-worker MWMS the steps return
+    #     shape-[1] logs, which that reduction averages to a scalar.
+    # Both overrides only act in that case, so the pinned Keras range
+    # (keras>=3.12,<3.16) keeps its behaviour everywhere else.
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if strategy is None or not _multi_worker(strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(_local_value, next(it))
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    @staticmethod
+    def _for_reduction(logs: dict) -> dict:
+        if _multi_worker(tf.distribute.get_strategy()):
+            return {k: ops.reshape(v, (1,)) for k, v in logs.items()}
+        return logs
 
     # --------------------------------------------------------------- forward
     def call(self, inputs, training=False):
@@ -348,7 +397,7 @@ class CodistillModel(keras.Model):
         logs = self._results(train=True)
         if alpha is not None:
             logs["alpha"] = alpha
-        return logs
+        return self._for_reduction(logs)
 
     def _update_metrics(self, ys, logits, sws):
         for i, (yi, zi, swi) in enumerate(zip(ys, logits, sws)):
@@ -371,18 +420,33 @@ class CodistillModel(keras.Model):
             tracker.update_state(loss, sample_weight=batch)
         self._update_metrics([y] * n, logits, [sample_weight] * n)
         if n > 1:
-            ens = self._ensemble_logits(logits)
-            ens_loss = self.task_loss(y, ens, sample_weight=sample_weight) * replicas
-            self._ensemble_loss.update_state(ens_loss, sample_weight=batch)
-            for m in self._ensemble_metrics:
-                m.update_state(y, ens, sample_weight=sample_weight)
+            self._update_ensemble(y, logits, sample_weight, replicas)
             agree = [
                 ops.mean(ops.cast(ops.argmax(logits[i], -1) == ops.argmax(logits[j], -1), "float32"))
                 for i in range(n)
                 for j in range(i + 1, n)
             ]
             self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
-        return self._results(train=False)
+        elif self.codistilling:
+            everyone = self.exchange.all_logits(logits[0])
+            if everyone is not None:
+                groups = self.num_groups
+                self._update_ensemble(y, [everyone[g] for g in range(groups)], sample_weight, replicas)
+                own = ops.argmax(logits[0], -1)
+                agree = [
+                    ops.mean(ops.cast(own == ops.argmax(everyone[g], -1), "float32"))
+                    for g in range(groups)
+                    if g != self.exchange.group
+                ]
+                self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+        return self._for_reduction(self._results(train=False))
+
+    def _update_ensemble(self, y, logits, sample_weight, replicas):
+        ens = self._ensemble_logits(logits)
+        ens_loss = self.task_loss(y, ens, sample_weight=sample_weight) * replicas
+        self._ensemble_loss.update_state(ens_loss, sample_weight=ops.shape(ens)[0])
+        for m in self._ensemble_metrics:
+            m.update_state(y, ens, sample_weight=sample_weight)
 
     def _results(self, train: bool) -> dict:
         if train:

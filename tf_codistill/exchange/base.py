@@ -19,6 +19,10 @@ class Exchange:
 
     #: Name reported in `results.json` (`"exchange"`).
     name = "exchange"
+    #: Index of this process's group among all groups.
+    group = 0
+    #: Whether the train step may be XLA-compiled with this transport.
+    allows_xla = True
 
     def bind(self, model) -> None:
         """Called once by `CodistillModel.__init__`; validate the pairing here."""
@@ -37,6 +41,12 @@ class Exchange:
         """Returns, per local member, the mean of its peers' logits on the
         member's own batch (or `None` when it has no peer)."""
         raise NotImplementedError
+
+    def all_logits(self, logits):
+        """Every group's logits on this process's evaluation batch, shape
+        `[groups, batch, classes]`, or `None` when the transport cannot
+        provide them (then `evaluate` reports no cross-process ensemble)."""
+        return None
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         """Bytes this process sends to other processes per training step."""

@@ -1,0 +1,84 @@
+"""Per-step prediction exchange over Horovod process sets.
+
+Each worker trains its group's model on a batch that its paired workers (same
+rank in group, one per group) also read. Every step it all-gathers its logits
+over the pair's process set, so it receives every group's predictions on the
+same examples; the peers' mean is the teacher.
+
+The collectives are named and run un-compiled (`jit_compile=False`), with the
+same traced program on every rank, as Horovod requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from tf_codistill.exchange.base import Exchange
+from tf_codistill.topology import Topology
+
+
+class HorovodExchange(Exchange):
+    """Prediction exchange across groups; one member per process.
+
+    Args:
+        topology: this process's place (`topology.init_horovod`).
+        pair_set: the Horovod process set of this worker's pair (the global
+            set when every group has one worker).
+    """
+
+    name = "horovod"
+    allows_xla = False
+
+    def __init__(self, topology: Topology, pair_set):
+        self.topology = topology
+        self.pair_set = pair_set
+        self.group = topology.group
+        self._peers = [g for g in range(topology.num_groups) if g != topology.group]
+
+    def bind(self, model) -> None:
+        if model.num_local_members != 1:
+            raise ValueError(
+                f"HorovodExchange trains one group's model per process; got "
+                f"{model.num_local_members} members. Use LocalExchange for several in one process."
+            )
+        if model.data_mode != "shared":
+            raise ValueError(
+                "Per-step prediction exchange needs paired workers to read the same batch: use "
+                "data_mode='shared' (and shard data by rank in group only). For independent data "
+                "orders use the stale-weights exchange."
+            )
+
+    def num_groups(self, num_local_members: int) -> int:
+        return self.topology.num_groups
+
+    def _gather(self, logits, name: str):
+        import horovod.tensorflow as hvd
+
+        logits = tf.stop_gradient(tf.convert_to_tensor(logits))
+        if self.topology.num_groups == 1:
+            return tf.expand_dims(logits, 0)
+        gathered = hvd.allgather(logits, name=name, process_set=self.pair_set)
+        # [G * batch, classes] -> [G, batch, classes]; the pair set lists
+        # ranks in group order, so block g is group g's prediction.
+        return tf.reshape(gathered, tf.concat([[self.topology.num_groups], tf.shape(logits)], 0))
+
+    def teacher_logits(
+        self,
+        members: Sequence,
+        inputs: Sequence,
+        logits: Sequence,
+        data_mode: str,
+    ) -> list:
+        everyone = self._gather(logits[0], "codistill_train_logits")
+        peers = tf.gather(everyone, self._peers)
+        return [tf.reduce_mean(peers, axis=0)]
+
+    def all_logits(self, logits):
+        """Every group's logits on this worker's (evaluation) batch: [G, batch, classes]."""
+        return self._gather(logits, "codistill_eval_logits")
+
+    def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
+        # Ring all-gather: each worker's own block travels to each other group.
+        return float((self.topology.num_groups - 1) * batch_size * num_classes * 4)
