@@ -7,12 +7,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: demo test lint format bench clean help
+.PHONY: demo test horovod lint format bench clean help
 
 help:
 	@echo "make demo   - train sync and codistillation on MNIST-1D side by side ($(WORKDIR))"
 	@echo "make test   - run the whole test suite"
 	@echo "make bench  - benchmarks (not part of the tests)"
+	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
@@ -26,7 +27,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 demo: $(STAMP)
 	$(PY) train.py --workdir=$(WORKDIR)
 
-test: $(STAMP)
+horovod: $(STAMP)
+	tools/build_horovod.sh $(PY)
+
+test: $(STAMP) horovod
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -329,9 +329,10 @@ def start_runtime(config: TrainConfig) -> Runtime:
 
 
 def _train_data(config, spec, runtime, groups, batch_per_model):
-    """Training batches for this process. Multi-process: each worker reads its
-    shard (by rank in group) of a stream shuffled with the same seed in every
-    group, so paired workers read identical batches."""
+    """Training batches for this process. Multi-process: every worker reads the
+    same stream of group batches (same seed in every group) and takes its
+    slice by rank in group, so paired workers read identical examples and a
+    group's workers together see what one process would."""
     from tf_codistill import data
 
     if not runtime.distributed:
@@ -339,11 +340,10 @@ def _train_data(config, spec, runtime, groups, batch_per_model):
             return data.independent_batches(spec, batch_per_model, groups, config.seed, config.data_dir)
         return data.train_batches(spec, batch_per_model, config.seed, config.data_dir)
     topo = runtime.topology
-    per_worker = config.batch_size // topo.world_size
 
     def dataset_fn(context):
-        shard = (topo.rank_in_group, topo.group_size)
-        return data.train_batches(spec, per_worker, config.seed, config.data_dir, shard=shard)
+        where = (topo.rank_in_group, topo.group_size)
+        return data.train_batches(spec, batch_per_model, config.seed, config.data_dir, slice_of=where)
 
     return runtime.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -386,7 +386,11 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
 
             exchange = HorovodExchange(runtime.topology, runtime.pair_set)
 
+    # Datasets first: tf.data shuffles depend on TF's global seed too, which
+    # building each member with its own seed changes.
     keras.utils.set_random_seed(config.seed)
+    train_ds = _train_data(config, spec, runtime, groups, batch)
+    test_ds = _test_data(config, spec, runtime)
     with strategy.scope():
         members = [
             build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + g)
@@ -408,9 +412,6 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         else:
             optimizer = keras.optimizers.Adam(lr)
         model.compile(optimizer=optimizer, metrics=["accuracy"])
-
-    train_ds = _train_data(config, spec, runtime, groups, batch)
-    test_ds = _test_data(config, spec, runtime)
 
     arm_dir = os.path.join(workdir, arm)
     os.makedirs(arm_dir, exist_ok=True)

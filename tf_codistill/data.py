@@ -189,17 +189,33 @@ def train_batches(
     seed: int,
     data_dir: str | None = None,
     shard: tuple[int, int] | None = None,
+    slice_of: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Endless shuffled training batches `(x, y)` of exactly `batch_size`.
 
+    The order depends on `seed` and on TensorFlow's global seed (as every
+    tf.data shuffle does): set the global seed (`keras.utils.set_random_seed`)
+    to the same value before building pipelines that must match.
+
     Args:
         shard: `(index, count)` to read only every count-th example.
+        slice_of: `(index, count)`: yield only slice `index` of `count` equal
+            slices of each batch. Workers that use the same seed and batch
+            size and take different slices together see exactly the batches
+            one process would see (the way a group's workers split its batch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     ds = _split(spec, spec.train_split, data_dir, shard)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
-    return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    if slice_of is not None:
+        index, count = slice_of
+        if batch_size % count:
+            raise ValueError(f"batch_size={batch_size} does not split into {count} equal slices.")
+        part = batch_size // count
+        ds = ds.map(lambda x, y: (x[index * part : (index + 1) * part], y[index * part : (index + 1) * part]))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def independent_batches(

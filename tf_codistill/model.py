@@ -246,7 +246,8 @@ class CodistillModel(keras.Model):
     # with more than one worker (tensorflow#72388, keras#20585):
     #  1. `_maybe_symbolic_build` calls `strategy.reduce("MEAN", batch)` on the
     #     whole (x, y) structure of PerReplica values, which MWMS rejects.
-    #     The build only needs shapes, so it is given this worker's batch.
+    #     The build only needs shapes, so it is given this worker's batch, or
+    #     none at all when the members are built.
     #  2. Step logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
     #     which fails on scalars. Under multi-worker MWMS the steps return
     #     shape-[1] logs, which that reduction averages to a scalar.
@@ -254,9 +255,17 @@ class CodistillModel(keras.Model):
     # (keras>=3.12,<3.16) keeps its behaviour everywhere else.
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
-        if strategy is None or not _multi_worker(strategy):
+        if strategy is None:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        if iterator is not None:
+        built = all(layer.built for layer in self._flatten_layers())
+        if built:
+            # Only the optimizer is left to build, which needs no data: do not
+            # draw a batch (the restarted iterator would reshuffle, so the run
+            # would not see the data order a single process sees).
+            data_batch, iterator = None, None
+        elif not _multi_worker(strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        elif iterator is not None:
             for _, _, it in iterator:
                 data_batch = tf.nest.map_structure(_local_value, next(it))
                 break

@@ -49,6 +49,26 @@ class HorovodExchange(Exchange):
                 "data_mode='shared' (and shard data by rank in group only). For independent data "
                 "orders use the stale-weights exchange."
             )
+        self._check_shapes_match(model)
+
+    def _check_shapes_match(self, model) -> None:
+        """Fails at start-up, on every rank, when groups' models differ in
+        output shape (the all-gather would fail later, less clearly)."""
+        if self.topology.num_groups == 1:
+            return
+        import horovod.tensorflow as hvd
+
+        member = model.members[0]
+        shape = tuple(member.outputs[0].shape[1:]) if member.outputs else None
+        shapes = hvd.allgather_object(
+            (self.topology.group, shape), name="codistill_output_shapes", process_set=self.pair_set
+        )
+        if len({s for _, s in shapes}) > 1:
+            listing = ", ".join(f"group {g}: {s}" for g, s in sorted(shapes))
+            raise ValueError(
+                "Every group's model must produce logits of the same shape for prediction "
+                f"exchange; got {listing}. Build all groups with the same number of classes."
+            )
 
     def num_groups(self, num_local_members: int) -> int:
         return self.topology.num_groups
