@@ -87,6 +87,9 @@ flags.DEFINE_integer("burn_in_steps", 0, "Steps with alpha = 0 at the start.")
 flags.DEFINE_integer("alpha_ramp_steps", 0, "Steps over which alpha ramps linearly up after burn-in.")
 flags.DEFINE_integer("seed", 0, "Seed for initial weights and data order.")
 flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
+flags.DEFINE_integer(
+    "steps_per_execution", 1, "Training steps per compiled call (Keras); logs are reduced once per call."
+)
 flags.DEFINE_integer("verbose", 2, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
@@ -121,6 +124,7 @@ class TrainConfig:
     burn_in_steps: int = 0
     alpha_ramp_steps: int = 0
     seed: int = 0
+    steps_per_execution: int = 1
     verbose: int = 2
 
     @classmethod
@@ -184,6 +188,8 @@ class TrainConfig:
             )
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
+        if self.steps_per_execution < 1:
+            bad(f"--steps_per_execution must be >= 1, got {self.steps_per_execution}.")
         if self.steps < 0:
             bad(f"--steps must be >= 0, got {self.steps}.")
         if self.base_lr <= 0:
@@ -411,7 +417,9 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
             optimizer = keras.optimizers.SGD(lr, momentum=0.9)
         else:
             optimizer = keras.optimizers.Adam(lr)
-        model.compile(optimizer=optimizer, metrics=["accuracy"])
+        model.compile(
+            optimizer=optimizer, metrics=["accuracy"], steps_per_execution=config.steps_per_execution
+        )
 
     arm_dir = os.path.join(workdir, arm)
     os.makedirs(arm_dir, exist_ok=True)

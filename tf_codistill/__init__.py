@@ -3,32 +3,41 @@
 Several models ("groups") train side by side; each adds
 `alpha * D(own logits, mean of the peers' logits)` to its task loss. With one
 group the same code is the synchronous baseline.
+
+Names are imported on first use, so that `python -m tf_codistill.launch`
+starts without loading TensorFlow.
 """
 
-from tf_codistill.exchange import Exchange, LocalExchange
-from tf_codistill.losses import KLDivergence, LogitMSE, ReverseKLDivergence, get_distance
-from tf_codistill.model import CodistillModel
-from tf_codistill.schedules import (
-    AlphaSchedule,
-    PiecewiseConstant,
-    WarmupCosineDecay,
-    WarmupPiecewiseDecay,
-    paper_weight_decay,
-)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AlphaSchedule",
-    "CodistillModel",
-    "Exchange",
-    "KLDivergence",
-    "LocalExchange",
-    "LogitMSE",
-    "PiecewiseConstant",
-    "ReverseKLDivergence",
-    "WarmupCosineDecay",
-    "WarmupPiecewiseDecay",
-    "get_distance",
-    "paper_weight_decay",
-]
+_EXPORTS = {
+    "AlphaSchedule": "tf_codistill.schedules",
+    "CodistillLoop": "tf_codistill.loop",
+    "CodistillModel": "tf_codistill.model",
+    "Exchange": "tf_codistill.exchange",
+    "HorovodExchange": "tf_codistill.exchange",
+    "KLDivergence": "tf_codistill.losses",
+    "LocalExchange": "tf_codistill.exchange",
+    "LogitMSE": "tf_codistill.losses",
+    "PiecewiseConstant": "tf_codistill.schedules",
+    "ReverseKLDivergence": "tf_codistill.losses",
+    "Topology": "tf_codistill.topology",
+    "WarmupCosineDecay": "tf_codistill.schedules",
+    "WarmupPiecewiseDecay": "tf_codistill.schedules",
+    "get_distance": "tf_codistill.losses",
+    "paper_weight_decay": "tf_codistill.schedules",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tf_codistill' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
