@@ -523,6 +523,8 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         entry["weights_checksum"] = float(
             sum(float(v.numpy().astype("float64").sum()) for v in members[0].weights)
         )
+        if os.path.isdir("/proc/self/task"):
+            entry["threads"] = len(os.listdir("/proc/self/task"))
     if groups > 1:
         entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
     if not runtime.distributed or runtime.topology.is_group_chief:
@@ -627,6 +629,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             f"--batch_size={config.batch_size} is not divisible by the {runtime.world_size} workers; "
             "every worker takes batch_size / workers examples per step."
         )
+    if runtime.distributed and runtime.topology.group_size > 1 and config.steps_per_execution > 1:
+        raise ValueError(
+            "--steps_per_execution > 1 fails inside Keras 3.15 under MultiWorkerMirroredStrategy "
+            "(a placeholder in the multi-step loop is never fed); use 1 for groups of several workers."
+        )
     probe = build_model(config.model, spec.input_shape, spec.num_classes)
     data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
     del probe
@@ -664,10 +671,16 @@ def _merge_ranks(entry: dict, runtime: Runtime) -> dict:
     chiefs = sorted((e for e in everyone if e["rank"] % topo.group_size == 0), key=lambda e: e["group"])
     merged["groups"] = [e["groups"][0] for e in chiefs]
     merged["ranks"] = [
-        {"rank": e["rank"], "group": e["group"], "weights_checksum": e["weights_checksum"]}
+        {
+            "rank": e["rank"],
+            "group": e["group"],
+            "weights_checksum": e["weights_checksum"],
+            "threads": e.get("threads"),
+        }
         for e in sorted(everyone, key=lambda e: e["rank"])
     ]
     merged.pop("weights_checksum", None)
+    merged.pop("threads", None)
     merged["wall_seconds"] = max(e["wall_seconds"] for e in everyone)
     merged["train_seconds"] = max(e["train_seconds"] for e in everyone)
     merged["examples_per_second"] = min(e["examples_per_second"] for e in everyone)
