@@ -41,10 +41,20 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "exchange",
     "auto",
-    ["auto", "local", "horovod"],
-    "How groups exchange predictions: local (all groups in this process) or horovod (one "
-    "process per worker, launched by tf_codistill.launch or horovodrun). auto: horovod when "
-    "launched under Horovod, else local.",
+    ["auto", "local", "horovod", "weights"],
+    "How groups exchange: local (all groups in this process, predictions every step), horovod "
+    "(one process per worker, predictions every step over Horovod), or weights (stale peer "
+    "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
+    "--exchange_dir). auto: horovod when launched under Horovod, else local.",
+)
+flags.DEFINE_integer("exchange_every", 50, "Weights exchange: refresh peer copies every K steps (0: never).")
+flags.DEFINE_string(
+    "exchange_dir", None, "Weights exchange through this shared directory; this job is group --group."
+)
+flags.DEFINE_integer("group", -1, "With --exchange_dir: which group this job trains, in [0, num_groups).")
+flags.DEFINE_float("peer_timeout", 300.0, "Weights exchange: seconds without news before a peer is stale.")
+flags.DEFINE_enum(
+    "on_stale", "keep", ["keep", "drop"], "A stale peer: keep its last copy, or drop alpha to 0."
 )
 flags.DEFINE_float(
     "collective_timeout", 120.0, "Seconds any collective or rendezvous may wait before the job fails."
@@ -102,6 +112,11 @@ class TrainConfig:
     data_mode: str = "auto"
     exchange: str = "auto"
     collective_timeout: float = 120.0
+    exchange_every: int = 50
+    exchange_dir: str | None = None
+    group: int = -1
+    peer_timeout: float = 300.0
+    on_stale: str = "keep"
     dataset: str = "mnist1d"
     data_dir: str | None = None
     train_fraction: float = 1.0
@@ -144,6 +159,15 @@ class TrainConfig:
             return "shared" if self.resolved_exchange() == "horovod" else "independent"
         return self.data_mode
 
+    def under_horovod(self) -> bool:
+        return self.resolved_exchange() == "horovod" or (
+            self.resolved_exchange() == "weights" and "HOROVOD_RANK" in os.environ
+        )
+
+    def separate_group(self) -> bool:
+        """This job trains one group and meets the others in --exchange_dir."""
+        return self.resolved_exchange() == "weights" and self.exchange_dir is not None
+
     def validate(self) -> None:
         """Raises ValueError naming the bad setting and what to do instead."""
         from models import MODELS
@@ -162,17 +186,39 @@ class TrainConfig:
             )
         if self.data_mode not in ("auto", "shared", "independent"):
             bad(f"--data_mode must be auto, shared or independent; got {self.data_mode!r}.")
-        if self.exchange not in ("auto", "local", "horovod"):
-            bad(f"--exchange must be auto, local or horovod; got {self.exchange!r}.")
+        if self.exchange not in ("auto", "local", "horovod", "weights"):
+            bad(f"--exchange must be auto, local, horovod or weights; got {self.exchange!r}.")
+        if self.exchange_every < 0:
+            bad(f"--exchange_every must be >= 0 steps (0: never refresh), got {self.exchange_every}.")
+        if self.peer_timeout <= 0:
+            bad(f"--peer_timeout must be > 0 seconds, got {self.peer_timeout}.")
+        if self.on_stale not in ("keep", "drop"):
+            bad(f"--on_stale must be keep or drop; got {self.on_stale!r}.")
+        if self.exchange_dir is not None and self.resolved_exchange() != "weights":
+            bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
+        if self.separate_group():
+            if self.mode != "codistill":
+                bad("--exchange_dir runs one codistillation group per job: use --mode=codistill.")
+            if not 0 <= self.group < max(self.num_groups, 1):
+                bad(
+                    f"--group={self.group}: with --exchange_dir each job trains one group; "
+                    f"pass --group in [0, {self.num_groups})."
+                )
+        elif self.group != -1:
+            bad("--group only applies with --exchange=weights --exchange_dir=...")
         if self.collective_timeout <= 0:
             bad(f"--collective_timeout must be > 0 seconds, got {self.collective_timeout}.")
-        if self.resolved_exchange() == "horovod":
+        if self.under_horovod() or self.separate_group():
             if self.mode == "both":
                 bad(
                     "--mode=both runs both arms in one process; a multi-process job runs one arm. "
                     "Launch --mode=sync and --mode=codistill separately."
                 )
-            if self.mode == "codistill" and self.resolved_data_mode() == "independent":
+            if (
+                self.resolved_exchange() == "horovod"
+                and self.mode == "codistill"
+                and self.resolved_data_mode() == "independent"
+            ):
                 bad(
                     "--exchange=horovod swaps predictions on the same examples every step, which "
                     "needs --data_mode=shared; independent data orders need the stale-weights exchange."
@@ -287,14 +333,16 @@ class TrainTimer(keras.callbacks.Callback):
 class StepLogger(keras.callbacks.Callback):
     """Writes every training batch's logs (running epoch means) as JSON lines."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, append: bool = False):
         super().__init__()
         self.path = path
+        self.append = append
         self._file = None
         self._step = 0
 
     def on_train_begin(self, logs=None):
-        self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
+        self._file = open(self.path, "a" if self.append else "w")  # noqa: SIM115 - closed in on_train_end
+        self._step = int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
@@ -313,6 +361,7 @@ class Runtime:
     topology: object = None
     strategy: object = None
     pair_set: object = None
+    group_set: object = None
 
     @property
     def distributed(self) -> bool:
@@ -328,13 +377,57 @@ def start_runtime(config: TrainConfig) -> Runtime:
     other TensorFlow op (MultiWorkerMirroredStrategy requires it)."""
     from tf_codistill import topology
 
-    groups = 1 if config.mode == "sync" else config.num_groups
-    topo, _, pair_set = topology.init_horovod(groups, config.collective_timeout)
+    groups = 1 if config.mode == "sync" or config.separate_group() else config.num_groups
+    topo, group_set, pair_set = topology.init_horovod(groups, config.collective_timeout)
     strategy = topology.make_group_strategy(topo, config.collective_timeout)
-    return Runtime(topology=topo, strategy=strategy, pair_set=pair_set)
+    return Runtime(topology=topo, strategy=strategy, pair_set=pair_set, group_set=group_set)
 
 
-def _train_data(config, spec, runtime, groups, batch_per_model):
+def _exchange_plan(config: TrainConfig, runtime: Runtime, groups: int):
+    """Which groups this process trains, how to build its exchange (a
+    function: it must run under the strategy's scope), and its data seed."""
+    exchange_kind = config.resolved_exchange()
+    if groups == 1:
+        own = [runtime.topology.group] if runtime.distributed else [0]
+        return own, lambda: None, config.seed
+    if exchange_kind == "weights":
+        from tf_codistill.exchange import weights
+
+        if config.separate_group():
+            group = config.group
+            writer = not runtime.distributed or runtime.topology.rank == 0
+            transport = weights.DirectoryTransport(config.exchange_dir, writer=writer)
+        elif runtime.distributed:
+            group = runtime.topology.group
+            transport = weights.HorovodWeightsTransport(runtime.topology, runtime.pair_set, runtime.group_set)
+        else:
+            group, transport = 0, weights.LocalTransport()
+
+        def make():
+            return weights.StaleWeightsExchange(
+                config.exchange_every,
+                transport,
+                group=group,
+                num_groups=groups,
+                peer_timeout=config.peer_timeout,
+                on_stale=config.on_stale,
+            )
+
+        if config.separate_group() or runtime.distributed:
+            return [group], make, config.seed + 1000 * group  # each group its own data order
+        return list(range(groups)), make, config.seed
+    if runtime.distributed:
+        from tf_codistill.exchange import HorovodExchange
+
+        return (
+            [runtime.topology.group],
+            lambda: HorovodExchange(runtime.topology, runtime.pair_set),
+            config.seed,
+        )
+    return list(range(groups)), lambda: None, config.seed
+
+
+def _train_data(config, spec, runtime, groups, batch_per_model, seed):
     """Training batches for this process. Multi-process: every worker reads the
     same stream of group batches (same seed in every group) and takes its
     slice by rank in group, so paired workers read identical examples and a
@@ -342,14 +435,14 @@ def _train_data(config, spec, runtime, groups, batch_per_model):
     from tf_codistill import data
 
     if not runtime.distributed:
-        if groups > 1 and config.resolved_data_mode() == "independent":
-            return data.independent_batches(spec, batch_per_model, groups, config.seed, config.data_dir)
-        return data.train_batches(spec, batch_per_model, config.seed, config.data_dir)
+        if groups > 1 and config.resolved_data_mode() == "independent" and not config.separate_group():
+            return data.independent_batches(spec, batch_per_model, groups, seed, config.data_dir)
+        return data.train_batches(spec, batch_per_model, seed, config.data_dir)
     topo = runtime.topology
 
     def dataset_fn(context):
         where = (topo.rank_in_group, topo.group_size)
-        return data.train_batches(spec, batch_per_model, config.seed, config.data_dir, slice_of=where)
+        return data.train_batches(spec, batch_per_model, seed, config.data_dir, slice_of=where)
 
     return runtime.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -383,21 +476,15 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
     epochs = max(1, -(-total_steps // steps_per_epoch))
     steps_per_epoch = min(steps_per_epoch, total_steps)
     groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
-    local_groups = list(range(groups))
-    exchange = None
-    if runtime.distributed:
-        local_groups = [runtime.topology.group]
-        if groups > 1:
-            from tf_codistill.exchange import HorovodExchange
-
-            exchange = HorovodExchange(runtime.topology, runtime.pair_set)
+    local_groups, make_exchange, data_seed = _exchange_plan(config, runtime, groups)
 
     # Datasets first: tf.data shuffles depend on TF's global seed too, which
     # building each member with its own seed changes.
     keras.utils.set_random_seed(config.seed)
-    train_ds = _train_data(config, spec, runtime, groups, batch)
+    train_ds = _train_data(config, spec, runtime, groups, batch, data_seed)
     test_ds = _test_data(config, spec, runtime)
     with strategy.scope():
+        exchange = make_exchange()
         members = [
             build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + g)
             for g in local_groups
@@ -407,7 +494,7 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
             distance=config.distance,
             temperature=config.temperature,
             alpha=alpha,
-            data_mode=config.resolved_data_mode() if groups > 1 else "shared",
+            data_mode=config.resolved_data_mode() if len(local_groups) > 1 else "shared",
             exchange=exchange,
             weight_decay=wd,
             num_classes=spec.num_classes,
@@ -428,15 +515,28 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
     tag = ""
     if runtime.distributed:
         tag = f".rank{runtime.topology.rank}"
+    resuming = False
+    if not runtime.distributed:
+        # A killed single-process run resumes from its last completed epoch
+        # when started again with the same command (the backup is deleted
+        # when training completes).
+        backup_dir = os.path.join(arm_dir, "backup")
+        resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
+        if resuming:
+            print(f"[{arm}] resuming from the backup in {backup_dir}", flush=True)
     if not runtime.distributed or runtime.topology.is_group_chief:
         tb_dir = os.path.join(arm_dir, "tensorboard")
         if runtime.distributed:
             tb_dir = os.path.join(tb_dir, f"group{runtime.topology.group}")
         callbacks += [
             keras.callbacks.TensorBoard(tb_dir, update_freq=max(1, steps_per_epoch // 4)),
-            keras.callbacks.CSVLogger(os.path.join(arm_dir, f"history{tag}.csv")),
+            keras.callbacks.CSVLogger(os.path.join(arm_dir, f"history{tag}.csv"), append=resuming),
         ]
-    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl")))
+    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl"), append=resuming))
+    if not runtime.distributed:
+        # After the loggers: an epoch's row is written before its backup, so
+        # a kill in between repeats that epoch rather than losing its row.
+        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(arm_dir, "backup")))
     where = f"rank {runtime.topology.rank} (group {runtime.topology.group}) " if runtime.distributed else ""
     print(
         f"[{arm}] {where}{groups} group(s) x batch {batch}, {epochs * steps_per_epoch} updates per model "
@@ -471,8 +571,8 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         )
     steps_run = epochs * steps_per_epoch
     world = runtime.world_size
-    if runtime.distributed:
-        group_size = runtime.topology.group_size
+    if runtime.distributed or config.separate_group():
+        group_size = runtime.topology.group_size if runtime.distributed else 1
         in_group = 2 * (group_size - 1) / group_size * num_params * 4
         cross_group = (
             exchange.bytes_sent_per_step(batch // group_size, spec.num_classes, num_params)
@@ -481,6 +581,9 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         )
         sent = in_group + cross_group
         equivalent = sent
+    elif exchange is not None:
+        in_group = cross_group = sent = 0.0
+        equivalent = exchange.bytes_sent_per_step(batch, spec.num_classes, num_params)
     else:
         in_group = cross_group = sent = 0.0
         if groups > 1:
@@ -527,6 +630,15 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
             entry["threads"] = len(os.listdir("/proc/self/task"))
     if groups > 1:
         entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
+    if exchange is not None and exchange.name == "weights":
+        entry["exchange"] = f"weights/{exchange.transport.name}"
+        entry.update(
+            exchange_every=config.exchange_every,
+            staleness_max=max(history.get("staleness", [0.0])),
+            peer_refreshes=exchange.refreshes,
+            peer_refresh_seconds=exchange.refresh_seconds,
+            peer_bytes_received=exchange.bytes_received,
+        )
     if not runtime.distributed or runtime.topology.is_group_chief:
         with open(os.path.join(arm_dir, f"history{tag}.json"), "w") as f:
             json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
@@ -614,7 +726,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         ValueError: a bad setting, before anything is trained.
     """
     config.validate()
-    runtime = start_runtime(config) if config.resolved_exchange() == "horovod" else Runtime()
+    runtime = start_runtime(config) if config.under_horovod() else Runtime()
     from models import build_model
     from tf_codistill import data
 

@@ -23,6 +23,8 @@ _EXPORTS = {
     "LogitMSE": "tf_codistill.losses",
     "PiecewiseConstant": "tf_codistill.schedules",
     "ReverseKLDivergence": "tf_codistill.losses",
+    "StaleWeightsExchange": "tf_codistill.exchange",
+    "DirectoryTransport": "tf_codistill.exchange",
     "Topology": "tf_codistill.topology",
     "WarmupCosineDecay": "tf_codistill.schedules",
     "WarmupPiecewiseDecay": "tf_codistill.schedules",

@@ -218,7 +218,7 @@ class CodistillModel(keras.Model):
         self._member_eval_loss = [keras.metrics.Mean(name=f"g{i}_loss") for i in range(n)] if many else []
         self._pooled_metrics = [make("") for make in factories]
         self._member_metrics = [[make(f"g{i}_") for make in factories] for i in range(n)] if many else []
-        ensemble = many or self.codistilling
+        ensemble = many or (self.codistilling and self.exchange.gathers_eval_logits)
         self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if ensemble else None
         self._ensemble_metrics = [make("ensemble_") for make in factories] if ensemble else []
         kwargs.setdefault("jit_compile", False)
@@ -301,6 +301,12 @@ class CodistillModel(keras.Model):
             raise ValueError(f"member index must be in [0, {self.num_local_members}), got {index}.")
         self.members[index].save(path)
 
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, plus the callbacks the exchange needs (for
+        example the stale-weights refresh)."""
+        callbacks = list(callbacks or []) + self.exchange.callbacks()
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
     # ------------------------------------------------------------ train step
     def _split(self, x, y, sample_weight):
         n = self.num_local_members
@@ -349,6 +355,8 @@ class CodistillModel(keras.Model):
         xs, ys, sws = self._split(x, y, sample_weight)
         checks = [c for yi in ys for c in self._check_labels(yi)]
         alpha = self.alpha_schedule(self.optimizer.iterations) if self.codistilling else None
+        if alpha is not None and self.exchange.alpha_scale() is not None:
+            alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
         with tf.control_dependencies(checks), tf.GradientTape() as tape:
             logits = [m(xi, training=True) for m, xi in zip(self.members, xs)]
             if self.codistilling:
@@ -406,6 +414,7 @@ class CodistillModel(keras.Model):
         logs = self._results(train=True)
         if alpha is not None:
             logs["alpha"] = alpha
+            logs.update(self.exchange.step_logs())
         return self._for_reduction(logs)
 
     def _update_metrics(self, ys, logits, sws):
@@ -436,7 +445,7 @@ class CodistillModel(keras.Model):
                 for j in range(i + 1, n)
             ]
             self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
-        elif self.codistilling:
+        elif self.codistilling and self.exchange.gathers_eval_logits:
             everyone = self.exchange.all_logits(logits[0])
             if everyone is not None:
                 groups = self.num_groups

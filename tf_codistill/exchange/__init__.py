@@ -2,8 +2,22 @@
 
 from tf_codistill.exchange.base import Exchange
 from tf_codistill.exchange.local import LocalExchange
+from tf_codistill.exchange.weights import (
+    DirectoryTransport,
+    HorovodWeightsTransport,
+    LocalTransport,
+    StaleWeightsExchange,
+)
 
-__all__ = ["Exchange", "LocalExchange", "HorovodExchange"]
+__all__ = [
+    "DirectoryTransport",
+    "Exchange",
+    "HorovodExchange",
+    "HorovodWeightsTransport",
+    "LocalExchange",
+    "LocalTransport",
+    "StaleWeightsExchange",
+]
 
 
 def __getattr__(name):

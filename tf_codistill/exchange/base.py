@@ -23,6 +23,8 @@ class Exchange:
     group = 0
     #: Whether the train step may be XLA-compiled with this transport.
     allows_xla = True
+    #: Whether `all_logits` gives every group's evaluation logits.
+    gathers_eval_logits = False
 
     def bind(self, model) -> None:
         """Called once by `CodistillModel.__init__`; validate the pairing here."""
@@ -47,6 +49,18 @@ class Exchange:
         `[groups, batch, classes]`, or `None` when the transport cannot
         provide them (then `evaluate` reports no cross-process ensemble)."""
         return None
+
+    def alpha_scale(self):
+        """A variable multiplying alpha (e.g. 0 while no peer copy exists), or None."""
+        return None
+
+    def step_logs(self) -> dict:
+        """Extra values to log every training step (e.g. staleness)."""
+        return {}
+
+    def callbacks(self) -> list:
+        """Keras callbacks `fit` must run (e.g. refreshing stale copies)."""
+        return []
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         """Bytes this process sends to other processes per training step."""

@@ -30,6 +30,7 @@ class HorovodExchange(Exchange):
 
     name = "horovod"
     allows_xla = False
+    gathers_eval_logits = True
 
     def __init__(self, topology: Topology, pair_set):
         self.topology = topology
