@@ -222,3 +222,41 @@ def test_a_killed_group_is_survived_and_rejoins_after_restart(tmp_path, data_dir
     assert rows_after[: len(rows_before)] == rows_before  # nothing written before the kill is lost
     epochs = [int(r.split(",")[0]) for r in rows_after[1:]]
     assert epochs == list(range(12)), epochs
+
+
+def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec):
+    """Leaders all-gather flattened weights every K steps and broadcast them in
+    their group: groups stay different, workers of a group stay equal."""
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = python_env()
+    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    cmd = [
+        horovodrun,
+        "--gloo",
+        "-np",
+        "4",
+        "-H",
+        "localhost:4",
+        sys.executable,
+        "train.py",
+        "--mode=codistill",
+        "--exchange=weights",
+        "--exchange_every=10",
+        "--num_groups=2",
+        "--batch_size=64",
+        "--steps=40",
+        "--verbose=0",
+        "--warmup_epochs=0.2",
+        "--collective_timeout=60",
+        f"--data_dir={data_dir}",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = _results(tmp_path)
+    assert run["exchange"] == "weights/horovod" and [g["group"] for g in run["groups"]] == [0, 1]
+    sums = {r["rank"]: r["weights_checksum"] for r in run["ranks"]}
+    assert sums[0] == sums[1] and sums[2] == sums[3] and sums[0] != sums[2], sums
+    assert run["peer_refreshes"] >= 4 and run["staleness_max"] <= 10
+    steps = [json.loads(line) for line in open(tmp_path / "codistill" / "steps.rank2.jsonl")]
+    assert all(s["peer_scale"] == 1.0 for s in steps) and steps[-1]["distill_loss"] > 0
