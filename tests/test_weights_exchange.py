@@ -260,3 +260,22 @@ def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec
     assert run["peer_refreshes"] >= 4 and run["staleness_max"] <= 10
     steps = [json.loads(line) for line in open(tmp_path / "codistill" / "steps.rank2.jsonl")]
     assert all(s["peer_scale"] == 1.0 for s in steps) and steps[-1]["distill_loss"] > 0
+
+
+def test_custom_loop_refreshes_stale_copies_like_fit():
+    from tf_codistill.loop import CodistillLoop
+
+    a = _members(2)
+    b = [_clone(m) for m in a]
+    models = []
+    for members in (a, b):
+        model = CodistillModel(
+            members, alpha=0.7, distance="kl", data_mode="independent", exchange=StaleWeightsExchange(every=3)
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.3))
+        models.append(model)
+    models[0].fit(_independent_dataset(9), epochs=1, verbose=0)
+    CodistillLoop(models[1]).train(_independent_dataset(9), steps=9)
+    for x, y in zip(_weights(models[0]), _weights(models[1])):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert models[1].exchange.refreshes >= 9

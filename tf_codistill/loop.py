@@ -296,6 +296,12 @@ class CodistillLoop:
         writer = self._summary_writer()
         logs, last_saved = {}, start
         step = start
+        # The exchange's hooks (e.g. refreshing stale peer copies) run here as
+        # they do under fit.
+        hooks = self.model.exchange.callbacks()
+        for hook in hooks:
+            hook.set_model(self.model)
+            hook.on_train_begin()
         while step < steps:
             try:
                 batch = next(iterator)
@@ -306,6 +312,8 @@ class CodistillLoop:
                     stacklevel=2,
                 )
                 break
+            for hook in hooks:
+                hook.on_train_batch_begin(step - start)
             logs = self._train_fn(batch)
             step += 1
             if self.checkpoint_every and step % self.checkpoint_every == 0:
@@ -313,6 +321,8 @@ class CodistillLoop:
                 last_saved = step
             if log_every and (step % log_every == 0 or step == steps):
                 self._report(step, steps, logs, writer)
+        for hook in hooks:
+            hook.on_train_end()
         if step == start:
             return {}
         if not log_every:
