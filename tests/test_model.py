@@ -239,7 +239,6 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 assert strategy.num_replicas_in_sync == 2
 w2, l2 = one_step(strategy)
 worst = max(float(np.abs(a - b).max()) for a, b in zip(w1, w2))
-moved = max(float(np.abs(a).max()) for a in w1)
 print("max weight difference", worst)
 for key in ("loss", "task_loss", "distill_loss"):
     np.testing.assert_allclose(l1[key], l2[key], rtol=1e-4, err_msg=key)
