@@ -127,42 +127,48 @@ def _find_flag(args: Sequence[str], name: str) -> str | None:
     return value
 
 
+def _resolve_forwarded(
+    name: str, launcher_flag: str, launcher_value, program_args: Sequence[str], parse, kind: str
+):
+    """One setting both the launcher and the program may carry (`--name`).
+
+    Returns (value, whether to pass `--name=value` to the program): the
+    program's own value wins when the launcher has none; both given and
+    different is an error.
+    """
+    given = _find_flag(program_args, name)
+    if given is None:
+        return launcher_value, True
+    try:
+        program_value = parse(given)
+    except ValueError:
+        raise UsageError(f"the program's --{name}={given!r} is not {kind}.") from None
+    if launcher_value is not None and launcher_value != program_value:
+        raise UsageError(
+            f"--{launcher_flag}={launcher_value:g} disagrees with the program's "
+            f"--{name}={program_value:g}; give one of them."
+        )
+    return program_value, False
+
+
 def _resolve_groups(launcher_groups: int | None, program_args: Sequence[str]) -> tuple[int, bool]:
     """Returns (groups, whether to pass --num_groups to the program)."""
-    given = _find_flag(program_args, "num_groups")
-    if given is None:
-        if launcher_groups is None:
-            raise UsageError("give --groups G (or --num_groups=G among the program's arguments).")
-        return launcher_groups, True
-    try:
-        program_groups = int(given)
-    except ValueError:
-        raise UsageError(f"the program's --num_groups={given!r} is not an integer.") from None
-    if launcher_groups is not None and launcher_groups != program_groups:
-        raise UsageError(
-            f"--groups={launcher_groups} disagrees with the program's --num_groups={program_groups}; "
-            "give one of them."
-        )
-    return program_groups, False
+    groups, forward = _resolve_forwarded(
+        "num_groups", "groups", launcher_groups, program_args, int, "an integer"
+    )
+    if groups is None:
+        raise UsageError("give --groups G (or --num_groups=G among the program's arguments).")
+    return groups, forward
 
 
 def _resolve_collective_timeout(
     launcher_value: float | None, program_args: Sequence[str]
 ) -> tuple[float, bool]:
     """Returns (collective timeout in seconds, whether to pass --collective_timeout to the program)."""
-    given = _find_flag(program_args, "collective_timeout")
-    if given is None:
-        return (120.0 if launcher_value is None else launcher_value), True
-    try:
-        program_value = float(given)
-    except ValueError:
-        raise UsageError(f"the program's --collective_timeout={given!r} is not a number.") from None
-    if launcher_value is not None and launcher_value != program_value:
-        raise UsageError(
-            f"--collective_timeout={launcher_value:g} disagrees with the program's "
-            f"--collective_timeout={program_value:g}; give one of them."
-        )
-    return program_value, False
+    value, forward = _resolve_forwarded(
+        "collective_timeout", "collective_timeout", launcher_value, program_args, float, "a number"
+    )
+    return (120.0 if value is None else value), forward
 
 
 def find_horovodrun() -> str | None:
