@@ -262,3 +262,29 @@ def test_one_and_two_replicas_give_the_same_update():
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_nan_from_a_peer_is_skipped_counted_and_stops_the_run():
+    from tf_codistill.model import PeerFailureError
+
+    members = _members(2)
+    model = CodistillModel(members, alpha=1.0, distance="kl", max_bad_peer_steps=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    x, y = _batch(0)
+    model.train_on_batch(x, y)
+    bias = members[1].layers[-1].bias
+    bias.assign(np.full(bias.shape, np.nan, "float32"))  # group 1 now emits NaN logits
+    before = _weights(members[0])
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["bad_peer_steps"] == 1.0
+    # Group 0 took a plain task-loss step: finite, and exactly the sync update.
+    reference = CodistillModel([_clone(members[0])])
+    reference.members[0].set_weights([w for w in before])
+    reference.compile(optimizer=keras.optimizers.SGD(0.1))
+    reference.train_on_batch(x, y)
+    for got, want in zip(_weights(members[0]), _weights(reference)):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_array_equal(model.bad_peer_steps.numpy(), [0.0, 1.0])
+    with pytest.raises(PeerFailureError, match=r"group 1 sent NaN or Inf predictions in 3 steps"):
+        model.fit(x, y, batch_size=16, epochs=5, verbose=0)

@@ -298,7 +298,7 @@ class CodistillLoop:
         step = start
         # The exchange's hooks (e.g. refreshing stale peer copies) run here as
         # they do under fit.
-        hooks = self.model.exchange.callbacks()
+        hooks = self.model.training_hooks()
         for hook in hooks:
             hook.set_model(self.model)
             hook.on_train_begin()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -22,7 +23,7 @@ from tf_codistill.exchange import Exchange, LocalExchange
 from tf_codistill.losses import CodistillDistance, get_distance
 from tf_codistill.schedules import AlphaSchedule, Schedule
 
-__all__ = ["CodistillModel", "DATA_MODES"]
+__all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
 
 DATA_MODES = ("shared", "independent")
 
@@ -30,6 +31,29 @@ _LOGIT_LOSSES = {
     "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
     "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
 }
+
+
+class PeerFailureError(RuntimeError):
+    """A peer group kept sending non-finite predictions or weights."""
+
+
+class _PeerHealth(keras.callbacks.Callback):
+    """Stops training once a peer group has sent NaN/Inf in too many steps."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def on_train_batch_end(self, batch, logs=None):
+        counts = np.asarray(keras.ops.convert_to_numpy(self.model.bad_peer_steps.value))
+        worst = int(np.argmax(counts))
+        if counts[worst] >= self.limit:
+            raise PeerFailureError(
+                f"group {worst} sent NaN or Inf predictions in {int(counts[worst])} steps (limit "
+                f"max_bad_peer_steps={self.limit}); its distillation term was skipped each time. "
+                f"Group {worst} has diverged: check its learning rate and inputs, or restart it "
+                "from its last checkpoint."
+            )
 
 
 def _num_replicas() -> int:
@@ -124,6 +148,10 @@ class CodistillModel(keras.Model):
             `weight_decay * w`.
         num_classes: if given, integer labels are checked to lie in
             `[0, num_classes)` at every step.
+        max_bad_peer_steps: a peer group whose predictions contain NaN or
+            Inf contributes no distillation term in that step (logged as
+            `bad_peer_steps`); after this many such steps training stops
+            with `PeerFailureError` naming the group.
 
     Raises:
         ValueError: on an empty member list, members whose outputs differ in
@@ -143,6 +171,7 @@ class CodistillModel(keras.Model):
         exchange: Exchange | None = None,
         weight_decay: float | Schedule = 0.0,
         num_classes: int | None = None,
+        max_bad_peer_steps: int = 10,
         name: str = "codistill",
         **kwargs,
     ):
@@ -167,6 +196,16 @@ class CodistillModel(keras.Model):
         self.num_classes = num_classes
         self.exchange.bind(self)
         self.num_groups = self.exchange.num_groups(len(members))
+        if max_bad_peer_steps < 1:
+            raise ValueError(f"max_bad_peer_steps must be >= 1, got {max_bad_peer_steps}.")
+        self.max_bad_peer_steps = int(max_bad_peer_steps)
+        # Steps in which each group's predictions (or weights) were NaN/Inf.
+        self.bad_peer_steps = keras.Variable(
+            np.zeros(self.num_groups, "float32"),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="bad_peer_steps",
+        )
         self._check_output_shapes()
         if all(m.built for m in members):
             self.built = True
@@ -304,7 +343,7 @@ class CodistillModel(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus the callbacks the exchange needs (for
         example the stale-weights refresh)."""
-        callbacks = list(callbacks or []) + self.exchange.callbacks()
+        callbacks = list(callbacks or []) + self.training_hooks()
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     # ------------------------------------------------------------ train step
@@ -337,6 +376,33 @@ class CodistillModel(keras.Model):
     def _decayed_variables(self):
         return [v for m in self.members for v in m.trainable_variables if len(v.shape) >= 2]
 
+    def _teachers(self, peer_maps):
+        """Mean peer logits per local member, with non-finite peers made
+        harmless: returns (teachers, usable) where usable[i] is 0.0 when any
+        of member i's peers sent NaN or Inf this step. Counts such steps per
+        peer group in `bad_peer_steps`."""
+        teachers, usable = [], []
+        bad = [0.0] * self.num_groups
+        for peers in peer_maps:
+            values = [ops.stop_gradient(v) for v in peers.values()]
+            finite = [ops.all(ops.isfinite(v)) for v in values]
+            safe = [ops.where(ops.isfinite(v), v, ops.zeros_like(v)) for v in values]
+            teachers.append(safe[0] if len(safe) == 1 else ops.mean(ops.stack(safe), axis=0))
+            usable.append(ops.cast(ops.all(ops.stack(finite)), "float32"))
+            for g, ok in zip(peers.keys(), finite):
+                bad[g] = ops.maximum(bad[g], 1.0 - ops.cast(ok, "float32"))
+        self.bad_peer_steps.assign_add(ops.stack([ops.convert_to_tensor(b, "float32") for b in bad]))
+        return teachers, usable
+
+    def training_hooks(self) -> list:
+        """Callbacks every training loop must run (`fit` adds them itself;
+        `CodistillLoop` runs them too): the exchange's, and the peer-health
+        check."""
+        hooks = self.exchange.callbacks()
+        if self.codistilling:
+            hooks.append(_PeerHealth(self.max_bad_peer_steps))
+        return hooks
+
     def _weight_penalty(self):
         wd = self.weight_decay
         if isinstance(wd, float):
@@ -360,19 +426,21 @@ class CodistillModel(keras.Model):
         with tf.control_dependencies(checks), tf.GradientTape() as tape:
             logits = [m(xi, training=True) for m, xi in zip(self.members, xs)]
             if self.codistilling:
-                teachers = self.exchange.teacher_logits(self.members, xs, logits, self.data_mode)
+                peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
+                teachers, usable = self._teachers(peer_maps)
             else:
-                teachers = [None] * len(logits)
+                teachers, usable = [None] * len(logits), [None] * len(logits)
             task_losses, distill_losses, total = [], [], 0.0
             for i, (zi, ti) in enumerate(zip(logits, teachers)):
                 task = self.task_loss(ys[i], zi, sample_weight=sws[i])
                 task_losses.append(task)
                 total = total + task
                 if ti is not None:
-                    ti = ops.stop_gradient(ti)
                     if i == 0:
                         self.distance.validate_outputs(ti, zi)
                     distill = _weighted_mean(self.distance.per_example(ti, zi), sws[i])
+                    # A peer that sent NaN/Inf: no distillation term this step.
+                    distill = distill * usable[i]
                     distill_losses.append(distill)
                     total = total + alpha * distill
             penalty = self._weight_penalty()
@@ -414,6 +482,7 @@ class CodistillModel(keras.Model):
         logs = self._results(train=True)
         if alpha is not None:
             logs["alpha"] = alpha
+            logs["bad_peer_steps"] = ops.sum(self.bad_peer_steps.value)
             logs.update(self.exchange.step_logs())
         return self._for_reduction(logs)
 

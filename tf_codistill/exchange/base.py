@@ -33,6 +33,16 @@ class Exchange:
         """Number of groups (models) taking part in the whole job."""
         return num_local_members
 
+    def peer_logits(
+        self,
+        members: Sequence[keras.Model],
+        inputs: Sequence,
+        logits: Sequence,
+        data_mode: str,
+    ) -> list[dict]:
+        """Per local member, `{group: that peer's logits on the member's batch}`."""
+        raise NotImplementedError
+
     def teacher_logits(
         self,
         members: Sequence[keras.Model],
@@ -40,9 +50,15 @@ class Exchange:
         logits: Sequence,
         data_mode: str,
     ) -> list:
-        """Returns, per local member, the mean of its peers' logits on the
-        member's own batch (or `None` when it has no peer)."""
-        raise NotImplementedError
+        """Per local member, the mean of its peers' logits (None without peers)."""
+        teachers = []
+        for peers in self.peer_logits(members, inputs, logits, data_mode):
+            values = [keras.ops.stop_gradient(v) for v in peers.values()]
+            if not values:
+                teachers.append(None)
+            else:
+                teachers.append(values[0] if len(values) == 1 else keras.ops.mean(keras.ops.stack(values), 0))
+        return teachers
 
     def all_logits(self, logits):
         """Every group's logits on this process's evaluation batch, shape

@@ -85,16 +85,15 @@ class HorovodExchange(Exchange):
         # ranks in group order, so block g is group g's prediction.
         return tf.reshape(gathered, tf.concat([[self.topology.num_groups], tf.shape(logits)], 0))
 
-    def teacher_logits(
+    def peer_logits(
         self,
         members: Sequence,
         inputs: Sequence,
         logits: Sequence,
         data_mode: str,
-    ) -> list:
+    ) -> list[dict]:
         everyone = self._gather(logits[0], "codistill_train_logits")
-        peers = tf.gather(everyone, self._peers)
-        return [tf.reduce_mean(peers, axis=0)]
+        return [{g: everyone[g] for g in self._peers}]
 
     def all_logits(self, logits):
         """Every group's logits on this worker's (evaluation) batch: [G, batch, classes]."""

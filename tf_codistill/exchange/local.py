@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-from keras import ops
 
 from tf_codistill.exchange.base import Exchange
 
@@ -23,22 +22,18 @@ class LocalExchange(Exchange):
 
     name = "local"
 
-    def teacher_logits(
+    def peer_logits(
         self,
         members: Sequence[keras.Model],
         inputs: Sequence,
         logits: Sequence,
         data_mode: str,
-    ) -> list:
+    ) -> list[dict]:
         n = len(members)
-        if n == 1:
-            return [None]
-        teachers = []
+        out = []
         for i in range(n):
             if data_mode == "shared":
-                peers = [logits[j] for j in range(n) if j != i]
+                out.append({j: logits[j] for j in range(n) if j != i})
             else:
-                peers = [members[j](inputs[i], training=False) for j in range(n) if j != i]
-            mean = peers[0] if len(peers) == 1 else ops.mean(ops.stack(peers), axis=0)
-            teachers.append(ops.stop_gradient(mean))
-        return teachers
+                out.append({j: members[j](inputs[i], training=False) for j in range(n) if j != i})
+        return out

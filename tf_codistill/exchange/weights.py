@@ -439,14 +439,11 @@ class StaleWeightsExchange(Exchange):
     def step_logs(self) -> dict:
         return {"staleness": self._staleness.value, "peer_scale": self._scale.value}
 
-    def teacher_logits(self, members, inputs, logits, data_mode):
-        teachers = []
-        for i, x in enumerate(inputs):
-            own = self.own_groups[i]
-            peers = [self.copies[g](x, training=False) for g in self.peer_groups if g != own]
-            mean = peers[0] if len(peers) == 1 else tf.reduce_mean(tf.stack(peers), axis=0)
-            teachers.append(tf.stop_gradient(mean))
-        return teachers
+    def peer_logits(self, members, inputs, logits, data_mode):
+        return [
+            {g: self.copies[g](x, training=False) for g in self.peer_groups if g != self.own_groups[i]}
+            for i, x in enumerate(inputs)
+        ]
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         if self.every == 0:
