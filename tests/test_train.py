@@ -107,3 +107,12 @@ def test_command_line_errors_are_one_clear_line(flag, message, tmp_path, data_di
     assert proc.returncode == 2
     assert message in proc.stderr and "train.py: error:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path, data_dir):
+    config = train.TrainConfig(**{**TINY, "steps": 20}, data_dir=data_dir, mode="codistill", seed=3)
+    for name in ("a", "b"):
+        train.train_and_evaluate(config, str(tmp_path / name))
+    for name in ("steps.jsonl", "history.json"):
+        first = (tmp_path / "a" / "codistill" / name).read_bytes()
+        assert first == (tmp_path / "b" / "codistill" / name).read_bytes(), name
