@@ -59,13 +59,25 @@ def run_pair(every: int, steps: int, model: str, dataset: str, data_dir, root: s
     procs = []
     for g in (0, 1):
         cmd = [
-            sys.executable, "train.py", "--mode=codistill", "--exchange=weights", f"--exchange_every={every}",
-            f"--exchange_dir={root}/exchange", f"--group={g}", "--num_groups=2", f"--steps={steps}",
-            f"--model={model}", f"--dataset={dataset}", "--verbose=0", f"--workdir={root}/g{g}",
+            sys.executable,
+            "train.py",
+            "--mode=codistill",
+            "--exchange=weights",
+            f"--exchange_every={every}",
+            f"--exchange_dir={root}/exchange",
+            f"--group={g}",
+            "--num_groups=2",
+            f"--steps={steps}",
+            f"--model={model}",
+            f"--dataset={dataset}",
+            "--verbose=0",
+            f"--workdir={root}/g{g}",
         ]
         if data_dir:
             cmd.append(f"--data_dir={data_dir}")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     runs = []
     for g, proc in enumerate(procs):
         out, _ = proc.communicate(timeout=1800)
@@ -90,15 +102,19 @@ def main():
     if args.skip_overhead:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        refreshed = run_pair(50, args.steps, args.model, args.dataset, args.data_dir, os.path.join(tmp, "k50"))
+        refreshed = run_pair(
+            50, args.steps, args.model, args.dataset, args.data_dir, os.path.join(tmp, "k50")
+        )
         never = run_pair(0, args.steps, args.model, args.dataset, args.data_dir, os.path.join(tmp, "never"))
     rate = lambda runs: sum(r["examples_per_second"] for r in runs) / len(runs)  # noqa: E731
     print(f"\nRefresh overhead, {args.model} on {args.dataset}, {args.steps} steps, 2 groups as processes:")
-    print(f"  K=50:  {rate(refreshed):,.0f} examples/s per group, "
-          f"{sum(r['peer_refreshes'] for r in refreshed)} refreshes, "
-          f"{sum(r['peer_refresh_seconds'] for r in refreshed):.3f} s on the training thread, "
-          f"{refreshed[0]['peer_bytes_received']:,} bytes received by group 0 "
-          f"(= {refreshed[0]['peer_bytes_received'] / refreshed[0]['steps'] * 1000:,.0f} per 1,000 steps)")
+    print(
+        f"  K=50:  {rate(refreshed):,.0f} examples/s per group, "
+        f"{sum(r['peer_refreshes'] for r in refreshed)} refreshes, "
+        f"{sum(r['peer_refresh_seconds'] for r in refreshed):.3f} s on the training thread, "
+        f"{refreshed[0]['peer_bytes_received']:,} bytes received by group 0 "
+        f"(= {refreshed[0]['peer_bytes_received'] / refreshed[0]['steps'] * 1000:,.0f} per 1,000 steps)"
+    )
     print(f"  never: {rate(never):,.0f} examples/s per group")
     print(f"  step-time overhead of K=50: {rate(never) / rate(refreshed) - 1:+.1%} (target <= +10%)")
 
