@@ -26,6 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import keras  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from tf_codistill.model import PeerFailureError  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("mode", "both", ["sync", "codistill", "both"], "Which arms to run.")
@@ -151,7 +153,10 @@ class TrainConfig:
 
     def resolved_exchange(self) -> str:
         if self.exchange == "auto":
-            return "horovod" if "HOROVOD_RANK" in os.environ else "local"
+            from tf_codistill import topology
+
+            # horovodrun / MPIJob, or a TFJob of several workers (bootstrapped by start_runtime)
+            return "horovod" if topology.multi_process_launch() else "local"
         return self.exchange
 
     def resolved_data_mode(self) -> str:
@@ -160,8 +165,12 @@ class TrainConfig:
         return self.data_mode
 
     def under_horovod(self) -> bool:
+        """Launched by horovodrun, or as a TFJob of several workers. Raises
+        ValueError for a TFJob's TF_CONFIG that train.py cannot run."""
+        from tf_codistill import topology
+
         return self.resolved_exchange() == "horovod" or (
-            self.resolved_exchange() == "weights" and "HOROVOD_RANK" in os.environ
+            self.resolved_exchange() == "weights" and topology.multi_process_launch()
         )
 
     def separate_group(self) -> bool:
@@ -377,6 +386,8 @@ def start_runtime(config: TrainConfig) -> Runtime:
     other TensorFlow op (MultiWorkerMirroredStrategy requires it)."""
     from tf_codistill import topology
 
+    # A TFJob's workers (cloud TF_CONFIG) set up Horovod themselves; no-op under horovodrun.
+    topology.bootstrap_from_tf_config(config.collective_timeout)
     groups = 1 if config.mode == "sync" or config.separate_group() else config.num_groups
     topo, group_set, pair_set = topology.init_horovod(groups, config.collective_timeout)
     strategy = topology.make_group_strategy(topo, config.collective_timeout)
@@ -811,6 +822,9 @@ def main(argv):
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PeerFailureError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(3)
     print(
         f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
         f"TensorBoard logs (tensorboard --logdir {workdir})"
