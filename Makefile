@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: demo test horovod lint format bench clean help
+.PHONY: demo test horovod lint format bench bazel-test clean help
 
 help:
 	@echo "make demo   - train sync and codistillation on MNIST-1D side by side ($(WORKDIR))"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - benchmarks (not part of the tests)"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
+	@echo "make bazel-test - the tests under Bazel 4.2.3, offline (apt-get install bazel-bootstrap bazel-rules-java)"
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -44,6 +45,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step_overhead.py
+
+bazel-test: $(STAMP) horovod
+	tools/bazel_test.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
