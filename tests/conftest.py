@@ -32,3 +32,20 @@ def python_env():
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
+
+
+def worker_env():
+    """`python_env` for one of several workers sharing this machine's cores:
+    one TF/OpenMP thread pool thread each."""
+    env = python_env()
+    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def horovod_installed():
+    """Multi-process tests need Horovod; `make test` builds it first."""
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError:
+        pytest.fail("Horovod is not installed: run `make horovod` (make test does it first).")

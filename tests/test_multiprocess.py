@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, python_env
+from conftest import REPO, worker_env
 
 import train
 
@@ -27,23 +27,12 @@ COMMON = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _horovod_installed():
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except ImportError:
-        pytest.fail("Horovod is not installed: run `make horovod` (make test does it first).")
-
-
-def _env():
-    env = python_env()
-    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
-    return env
+pytestmark = pytest.mark.usefixtures("horovod_installed")
 
 
 def launch(np_, args, timeout=240, program=("train.py",)):
     cmd = [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable, *program, *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(proc):
@@ -241,7 +230,7 @@ def test_a_killed_worker_ends_the_job_with_an_error_in_bounded_time(tmp_path, da
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=_env(),
+        env=worker_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

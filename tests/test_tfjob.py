@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, python_env
+from conftest import REPO, python_env, worker_env
 
 from tf_codistill.topology import free_port
 
@@ -29,12 +29,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _horovod_installed():
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except ImportError:
-        pytest.fail("Horovod is not installed: run `make horovod` (make test does it first).")
+pytestmark = pytest.mark.usefixtures("horovod_installed")
 
 
 def tfjob_env(job: str, num_workers: int, index: int, ports: list[int]) -> dict[str, str]:
@@ -45,16 +40,13 @@ def tfjob_env(job: str, num_workers: int, index: int, ports: list[int]) -> dict[
         "task": {"type": "worker", "index": index},
         "environment": "cloud",
     }
-    env = python_env()
+    env = worker_env()
     for key in list(env):
         if key.startswith("HOROVOD_"):
             del env[key]
     env.update(
         TF_CONFIG=json.dumps(tf_config),
         TF_CODISTILL_HOST_ALIASES=",".join(f"{h}=127.0.0.1" for h in hosts),
-        TF_NUM_INTRAOP_THREADS="1",
-        TF_NUM_INTEROP_THREADS="1",
-        OMP_NUM_THREADS="1",
     )
     return env
 

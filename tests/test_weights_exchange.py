@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, python_env
+from conftest import REPO, python_env, worker_env
 from test_model import _batch, _clone, _members, _weights
 
 from tf_codistill import CodistillModel
@@ -224,12 +224,11 @@ def test_a_killed_group_is_survived_and_rejoins_after_restart(tmp_path, data_dir
     assert epochs == list(range(12)), epochs
 
 
-def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec):
+def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec, horovod_installed):
     """Leaders all-gather flattened weights every K steps and broadcast them in
     their group: groups stay different, workers of a group stay equal."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    env = python_env()
-    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    env = worker_env()
     cmd = [
         horovodrun,
         "--gloo",
