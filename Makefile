@@ -7,12 +7,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: demo test horovod lint format bench bazel-test clean help
+.PHONY: demo test horovod lint format bench study bazel-test clean help
 
 help:
 	@echo "make demo   - train sync and codistillation on MNIST-1D side by side ($(WORKDIR))"
 	@echo "make test   - run the whole test suite"
 	@echo "make bench  - benchmarks (not part of the tests)"
+	@echo "make study  - every study in experiments/ (3 seeds each) -> docs/results/REPORT.md"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
 	@echo "make bazel-test - the tests under Bazel 4.2.3, offline (apt-get install bazel-bootstrap bazel-rules-java)"
@@ -45,6 +46,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step_overhead.py
+
+study: $(STAMP)
+	$(PY) -m tf_codistill.study --config=experiments --out=docs/results
 
 bazel-test: $(STAMP) horovod
 	tools/bazel_test.sh

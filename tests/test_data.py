@@ -21,6 +21,8 @@ def test_digits_builds_offline(data_dir):
 def test_mnist1d_size_is_configurable(data_dir):
     spec = data.load_spec("mnist1d/n1000", data_dir)
     assert (spec.num_train, spec.num_test) == (800, 200)
+    # a size that is also a predefined config resolves to it
+    assert data._builder("mnist1d/n70000", data_dir).builder_config.name == "n70000"
 
 
 def test_train_fraction_uses_the_first_part(data_dir, mnist1d_spec):

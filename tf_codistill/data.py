@@ -26,7 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
-from tf_codistill.datasets.mnist1d import config_for
+from tf_codistill.datasets.mnist1d import Mnist1d, config_for
 
 __all__ = [
     "DatasetSpec",
@@ -58,7 +58,10 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     match = re.fullmatch(r"mnist1d/n(\d+)", name)
     try:
         if match:
-            return tfds.builder("mnist1d", config=config_for(int(match.group(1))), data_dir=data_dir)
+            config = config_for(int(match.group(1)))
+            if config.name in {c.name for c in Mnist1d.BUILDER_CONFIGS}:
+                return tfds.builder(f"mnist1d/{config.name}", data_dir=data_dir)
+            return tfds.builder("mnist1d", config=config, data_dir=data_dir)
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(
