@@ -44,8 +44,11 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: $(STAMP)
+bench: $(STAMP) horovod
 	$(PY) bench/bench_step_overhead.py
+	$(PY) bench/bench_multiworker.py
+	$(PY) bench/bench_weights_exchange.py
+	$(PY) bench/bench_slow_network.py
 
 study: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments --out=docs/results

@@ -256,7 +256,7 @@ def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec
     assert run["exchange"] == "weights/horovod" and [g["group"] for g in run["groups"]] == [0, 1]
     sums = {r["rank"]: r["weights_checksum"] for r in run["ranks"]}
     assert sums[0] == sums[1] and sums[2] == sums[3] and sums[0] != sums[2], sums
-    assert run["peer_refreshes"] >= 4 and run["staleness_max"] <= 10
+    assert run["peer_refreshes"] >= 4 and run["staleness_max"] == 9  # copies age 0..9 between refreshes
     steps = [json.loads(line) for line in open(tmp_path / "codistill" / "steps.rank2.jsonl")]
     assert all(s["peer_scale"] == 1.0 for s in steps) and steps[-1]["distill_loss"] > 0
 

@@ -513,6 +513,11 @@ class StaleWeightsExchange(Exchange):
         steps = [step - s for s in self._snapshot_step.values() if s is not None]
         self._staleness.assign(float(max(steps)) if steps else 0.0)
 
+    def tick(self, step: int) -> None:
+        """Between refreshes: only the staleness (steps since the copies were taken) moves."""
+        steps = [step - s for s in self._snapshot_step.values() if s is not None]
+        self._staleness.assign(float(max(steps)) if steps else 0.0)
+
     def callbacks(self) -> list:
         return [_RefreshCallback(self)]
 
@@ -543,6 +548,8 @@ class _RefreshCallback(keras.callbacks.Callback):
             # Cheap check between refreshes: apply a newer peer snapshot if the
             # background reader has one, and notice stale peers.
             self.exchange.refresh(step, publish=False)
+        else:
+            self.exchange.tick(step)
 
     def on_train_end(self, logs=None):
         step = self._step()
