@@ -168,8 +168,9 @@ def _plot(study: dict, rows: list[dict], path: str) -> None:
     ax_acc.set(
         xlabel="epoch (of the sync arm; equal updates per model)",
         ylabel="test accuracy",
-        title=f"{study['title']}: test accuracy",
+        title="test accuracy",
     )
+    fig.suptitle(study["title"])
     ax_loss.set(
         xlabel="epoch (of the sync arm; equal updates per model)",
         ylabel="training task loss",
