@@ -8,13 +8,13 @@ import keras
 
 
 class Exchange:
-    """Supplies each local member with its peers' mean prediction.
+    """Supplies each local member with its peers' predictions.
 
     A transport decides where the peers live: in this process
     (`LocalExchange`), in other processes reached over collectives, or in
-    stale copies refreshed now and then. The model calls `teacher_logits`
-    inside the traced train step; whatever it returns is treated as a
-    constant (the model applies `stop_gradient` again to be safe).
+    stale copies refreshed now and then. The model calls `peer_logits`
+    inside the traced train step and forms the teacher itself (the mean of
+    the finite peers, under `stop_gradient`).
     """
 
     #: Name reported in `results.json` (`"exchange"`).
@@ -42,23 +42,6 @@ class Exchange:
     ) -> list[dict]:
         """Per local member, `{group: that peer's logits on the member's batch}`."""
         raise NotImplementedError
-
-    def teacher_logits(
-        self,
-        members: Sequence[keras.Model],
-        inputs: Sequence,
-        logits: Sequence,
-        data_mode: str,
-    ) -> list:
-        """Per local member, the mean of its peers' logits (None without peers)."""
-        teachers = []
-        for peers in self.peer_logits(members, inputs, logits, data_mode):
-            values = [keras.ops.stop_gradient(v) for v in peers.values()]
-            if not values:
-                teachers.append(None)
-            else:
-                teachers.append(values[0] if len(values) == 1 else keras.ops.mean(keras.ops.stack(values), 0))
-        return teachers
 
     def all_logits(self, logits):
         """Every group's logits on this process's evaluation batch, shape
