@@ -15,6 +15,7 @@ TensorBoard logs (`<arm>/tensorboard`) and a per-epoch `<arm>/history.csv`.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -26,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import keras  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from tf_codistill import backup as backup_mod  # noqa: E402
+from tf_codistill.backup import BackupError  # noqa: E402
 from tf_codistill.model import PeerFailureError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -102,6 +105,12 @@ flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go
 flags.DEFINE_integer(
     "steps_per_execution", 1, "Training steps per compiled call (Keras); logs are reduced once per call."
 )
+flags.DEFINE_integer(
+    "backup_keep",
+    2,
+    "Backups kept per process (written atomically at every epoch end; a rerun of the same command "
+    "resumes from the newest intact one). 0: no backups.",
+)
 flags.DEFINE_integer("verbose", 2, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
@@ -142,6 +151,7 @@ class TrainConfig:
     alpha_ramp_steps: int = 0
     seed: int = 0
     steps_per_execution: int = 1
+    backup_keep: int = 2
     verbose: int = 2
 
     @classmethod
@@ -243,6 +253,8 @@ class TrainConfig:
             )
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
+        if self.backup_keep < 0:
+            bad(f"--backup_keep must be >= 0 (0: no backups), got {self.backup_keep}.")
         if self.steps_per_execution < 1:
             bad(f"--steps_per_execution must be >= 1, got {self.steps_per_execution}.")
         if self.steps < 0:
@@ -339,24 +351,63 @@ class TrainTimer(keras.callbacks.Callback):
         self.on_test_begin()
 
 
-class StepLogger(keras.callbacks.Callback):
-    """Writes every training batch's logs (running epoch means) as JSON lines."""
+def _resumed(backup) -> bool:
+    return backup is not None and backup.restored_epoch is not None
 
-    def __init__(self, path: str, append: bool = False):
+
+class ResumableCSVLogger(keras.callbacks.CSVLogger):
+    """`CSVLogger` that, after a resume, rewrites the file from the backup's
+    history: every epoch appears once, however the kill fell between the
+    backup and the row."""
+
+    def __init__(self, path: str, backup=None):
+        super().__init__(path, append=True)
+        self.backup = backup
+
+    def on_train_begin(self, logs=None):
+        if _resumed(self.backup):
+            history = self.backup.restored_history
+            keys = sorted(history)
+            with open(self.filename, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["epoch", *keys])
+                for epoch in range(len(history[keys[0]]) if keys else 0):
+                    writer.writerow([epoch, *(history[k][epoch] for k in keys)])
+        elif os.path.exists(self.filename):
+            os.remove(self.filename)
+        super().on_train_begin(logs)
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Writes every training batch's logs (running epoch means) as JSON lines.
+    After a resume it keeps the lines up to the restored step and appends."""
+
+    def __init__(self, path: str, backup=None):
         super().__init__()
         self.path = path
-        self.append = append
+        self.backup = backup
         self._file = None
         self._step = 0
 
     def on_train_begin(self, logs=None):
-        self._file = open(self.path, "a" if self.append else "w")  # noqa: SIM115 - closed in on_train_end
         self._step = int(self.model.optimizer.iterations.numpy())
+        kept = []
+        if _resumed(self.backup) and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= self._step:
+                            kept.append(line)
+                    except (ValueError, KeyError):
+                        break  # a line cut short by the kill
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
+        self._file.writelines(kept)
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         row = {"step": self._step, **{k: float(v) for k, v in (logs or {}).items()}}
         self._file.write(json.dumps(row) + "\n")
+        self._file.flush()  # a line per step is never lost to a kill after its step
 
     def on_train_end(self, logs=None):
         self._file.close()
@@ -438,7 +489,7 @@ def _exchange_plan(config: TrainConfig, runtime: Runtime, groups: int):
     return list(range(groups)), lambda: None, config.seed
 
 
-def _train_data(config, spec, runtime, groups, batch_per_model, seed):
+def _train_data(config, spec, runtime, groups, batch_per_model, seed, skip=0):
     """Training batches for this process. Multi-process: every worker reads the
     same stream of group batches (same seed in every group) and takes its
     slice by rank in group, so paired workers read identical examples and a
@@ -447,13 +498,15 @@ def _train_data(config, spec, runtime, groups, batch_per_model, seed):
 
     if not runtime.distributed:
         if groups > 1 and config.resolved_data_mode() == "independent" and not config.separate_group():
-            return data.independent_batches(spec, batch_per_model, groups, seed, config.data_dir)
-        return data.train_batches(spec, batch_per_model, seed, config.data_dir)
+            return data.independent_batches(spec, batch_per_model, groups, seed, config.data_dir, skip)
+        return data.train_batches(spec, batch_per_model, seed, config.data_dir, skip_batches=skip)
     topo = runtime.topology
 
     def dataset_fn(context):
         where = (topo.rank_in_group, topo.group_size)
-        return data.train_batches(spec, batch_per_model, seed, config.data_dir, slice_of=where)
+        return data.train_batches(
+            spec, batch_per_model, seed, config.data_dir, slice_of=where, skip_batches=skip
+        )
 
     return runtime.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -489,10 +542,18 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
     groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
     local_groups, make_exchange, data_seed = _exchange_plan(config, runtime, groups)
 
+    arm_dir = os.path.join(workdir, arm)
+    os.makedirs(arm_dir, exist_ok=True)
+    timer = TrainTimer()
+    backup = _make_backup(config, runtime, arm_dir, timer)
+    # A resumed run reads on from where the backup's epoch ended.
+    resume_epoch = backup.resume_epoch() if backup is not None else None
+    skip = (resume_epoch or 0) * steps_per_epoch
+
     # Datasets first: tf.data shuffles depend on TF's global seed too, which
     # building each member with its own seed changes.
     keras.utils.set_random_seed(config.seed)
-    train_ds = _train_data(config, spec, runtime, groups, batch, data_seed)
+    train_ds = _train_data(config, spec, runtime, groups, batch, data_seed, skip)
     test_ds = _test_data(config, spec, runtime)
     with strategy.scope():
         exchange = make_exchange()
@@ -519,35 +580,22 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
             optimizer=optimizer, metrics=["accuracy"], steps_per_execution=config.steps_per_execution
         )
 
-    arm_dir = os.path.join(workdir, arm)
-    os.makedirs(arm_dir, exist_ok=True)
-    timer = TrainTimer()
-    callbacks = [timer]
     tag = ""
     if runtime.distributed:
         tag = f".rank{runtime.topology.rank}"
-    resuming = False
-    if not runtime.distributed:
-        # A killed single-process run resumes from its last completed epoch
-        # when started again with the same command (the backup is deleted
-        # when training completes).
-        backup_dir = os.path.join(arm_dir, "backup")
-        resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
-        if resuming:
-            print(f"[{arm}] resuming from the backup in {backup_dir}", flush=True)
+    # The backup first: it restores the step before the loggers open their
+    # files, and they rewrite them to end where the backup does.
+    callbacks = [backup] if backup is not None else []
+    callbacks.append(timer)
     if not runtime.distributed or runtime.topology.is_group_chief:
         tb_dir = os.path.join(arm_dir, "tensorboard")
         if runtime.distributed:
             tb_dir = os.path.join(tb_dir, f"group{runtime.topology.group}")
         callbacks += [
             keras.callbacks.TensorBoard(tb_dir, update_freq=max(1, steps_per_epoch // 4)),
-            keras.callbacks.CSVLogger(os.path.join(arm_dir, f"history{tag}.csv"), append=resuming),
+            ResumableCSVLogger(os.path.join(arm_dir, f"history{tag}.csv"), backup),
         ]
-    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl"), append=resuming))
-    if not runtime.distributed:
-        # After the loggers: an epoch's row is written before its backup, so
-        # a kill in between repeats that epoch rather than losing its row.
-        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(arm_dir, "backup")))
+    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl"), backup))
     where = f"rank {runtime.topology.rank} (group {runtime.topology.group}) " if runtime.distributed else ""
     print(
         f"[{arm}] {where}{groups} group(s) x batch {batch}, {epochs * steps_per_epoch} updates per model "
@@ -566,6 +614,11 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         shuffle=False,
     ).history
     wall = time.perf_counter() - start
+    if backup is not None:
+        # Every epoch's logs, the ones before a resume included.
+        history = backup.history
+        timer.seconds += backup.restored_extra.get("train_seconds", 0.0)
+        wall += backup.restored_extra.get("wall_seconds", 0.0)
     final = model.evaluate(test_ds, verbose=0, return_dict=True)
 
     num_params = count_params(members[0])
@@ -650,10 +703,47 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
             peer_refresh_seconds=exchange.refresh_seconds,
             peer_bytes_received=exchange.bytes_received,
         )
+    if backup is not None:
+        entry["resumed_from_epoch"] = backup.restored_epoch
+        entry["backup_seconds"] = backup.save_seconds
     if not runtime.distributed or runtime.topology.is_group_chief:
         with open(os.path.join(arm_dir, f"history{tag}.json"), "w") as f:
             json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
-    return entry, history
+    return entry, history, backup
+
+
+def _make_backup(config: TrainConfig, runtime: Runtime, arm_dir: str, timer: TrainTimer):
+    """This process's `Backup` (None with --backup_keep=0). Processes of one
+    job each keep their own and agree on the epoch to resume from."""
+    if config.backup_keep == 0:
+        return None
+    directory = os.path.join(arm_dir, "backup")
+    agree = None
+    if runtime.distributed:
+        from tf_codistill import topology
+
+        directory = os.path.join(directory, f"rank{runtime.topology.rank}")
+        agree = topology.agree_on_epoch
+    elif config.separate_group():
+        directory = os.path.join(directory, f"group{config.group}")
+    started = time.perf_counter()
+    backup = None
+
+    def extra():
+        restored = backup.restored_extra if backup is not None else {}
+        return {
+            "train_seconds": timer.seconds + restored.get("train_seconds", 0.0),
+            "wall_seconds": time.perf_counter() - started + restored.get("wall_seconds", 0.0),
+        }
+
+    backup = backup_mod.Backup(
+        directory, keep=config.backup_keep, agree=agree, extra=extra, delete_on_finish=False
+    )
+    try:
+        backup.check_writable()
+    except backup_mod.BackupError as e:
+        raise ValueError(str(e)) from e
+    return backup
 
 
 def tf_default_strategy():
@@ -766,20 +856,27 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     if is_writer:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=1)
-    runs, histories = [], {}
+    runs, histories, backups = [], {}, []
     for arm in config.arms():
-        entry, history = run_arm(config, arm, spec, workdir, runtime)
+        entry, history, backup = run_arm(config, arm, spec, workdir, runtime)
         if runtime.distributed:
             entry = _merge_ranks(entry, runtime)
         runs.append(entry)
         histories[arm] = history
+        backups.append(backup)
     results = {"runs": runs}
     if is_writer:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+        path = os.path.join(workdir, "results.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
         plot_histories(histories, os.path.join(workdir, "comparison.png"))
         print()
         print(format_table(runs))
+    # Results are on disk: a rerun now starts afresh.
+    for backup in backups:
+        if backup is not None:
+            backup.remove()
     return results
 
 
@@ -825,6 +922,9 @@ def main(argv):
     except PeerFailureError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(3)
+    except BackupError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(4)
     print(
         f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
         f"TensorBoard logs (tensorboard --logdir {workdir})"

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AlphaSchedule": "tf_codistill.schedules",
+    "Backup": "tf_codistill.backup",
+    "BackupError": "tf_codistill.backup",
     "CodistillLoop": "tf_codistill.loop",
     "CodistillModel": "tf_codistill.model",
     "Exchange": "tf_codistill.exchange",

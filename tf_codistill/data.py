@@ -193,6 +193,7 @@ def train_batches(
     data_dir: str | None = None,
     shard: tuple[int, int] | None = None,
     slice_of: tuple[int, int] | None = None,
+    skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Endless shuffled training batches `(x, y)` of exactly `batch_size`.
 
@@ -206,9 +207,13 @@ def train_batches(
             slices of each batch. Workers that use the same seed and batch
             size and take different slices together see exactly the batches
             one process would see (the way a group's workers split its batch).
+        skip_batches: start after this many batches of the stream (a resumed
+            run continues the uninterrupted run's data order).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if skip_batches < 0:
+        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}.")
     ds = _split(spec, spec.train_split, data_dir, shard)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
@@ -218,6 +223,8 @@ def train_batches(
             raise ValueError(f"batch_size={batch_size} does not split into {count} equal slices.")
         part = batch_size // count
         ds = ds.map(lambda x, y: (x[index * part : (index + 1) * part], y[index * part : (index + 1) * part]))
+    if skip_batches:
+        ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -227,10 +234,14 @@ def independent_batches(
     num_members: int,
     seed: int,
     data_dir: str | None = None,
+    skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Endless `((x_0, ..., x_{n-1}), (y_0, ..., y_{n-1}))`: each member its own
     data order (seed + member index)."""
-    streams = [train_batches(spec, batch_size, seed + 1000 * i, data_dir) for i in range(num_members)]
+    streams = [
+        train_batches(spec, batch_size, seed + 1000 * i, data_dir, skip_batches=skip_batches)
+        for i in range(num_members)
+    ]
     zipped = tf.data.Dataset.zip(tuple(streams))
     return zipped.map(lambda *pairs: (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))).prefetch(
         tf.data.AUTOTUNE

@@ -215,6 +215,19 @@ def make_group_strategy(topo: Topology, timeout_s: float = 120.0):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def agree_on_epoch(epochs) -> int | None:
+    """The newest epoch in every process's `epochs` (its intact backups), or
+    None when they share none. Every process of the Horovod job must call it
+    at the same point (it all-gathers over the global process set): the
+    groups of a prediction exchange must resume in step, and the workers of a
+    group from the same weights."""
+    import horovod.tensorflow as hvd
+
+    everyone = hvd.allgather_object(sorted(int(e) for e in epochs), name="tf_codistill_backup_epochs")
+    common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+    return max(common) if common else None
+
+
 # ----------------------------------------------------------- TFJob -> Horovod
 # A Kubeflow TFJob starts one plain process per replica and injects TF_CONFIG
 # ("environment": "cloud"); nobody runs horovodrun. `bootstrap_from_tf_config`

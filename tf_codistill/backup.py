@@ -1,0 +1,310 @@
+"""Crash-safe training backups for `model.fit`, in one process or many.
+
+`Backup` is a Keras callback. At the end of every epoch it writes the model's
+weights and optimizer state (so the step count, and with it every schedule
+driven by `optimizer.iterations`: learning rate, weight decay, alpha) to a
+new directory, and only then renames that directory into place, so a kill at
+any moment leaves either the previous backup or the new one, never half of
+one. Each backup carries the SHA-256 of its weights file; a backup whose file
+no longer matches (bit rot, a truncated copy) is skipped with a warning and
+the one before it is used. The newest `keep` backups are kept.
+
+When training starts, the newest usable backup is restored and `fit`
+continues from the epoch after it: run the same command again after a crash.
+
+Several processes (the workers of a MultiWorkerMirroredStrategy group, the
+groups of a Horovod job) each keep their own backups, and must resume from the
+same epoch: pass `agree`, a function that takes this process's usable epochs
+and returns the newest epoch every process has (see
+`tf_codistill.topology.agree_on_epoch`).
+
+Example:
+
+    backup = Backup("ckpt/backup")
+    model.fit(ds, epochs=90, callbacks=[backup])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import keras
+
+WEIGHTS = "state.weights.h5"
+META = "meta.json"
+_PREFIX = "epoch-"
+_TMP = ".tmp-"
+
+
+class BackupError(RuntimeError):
+    """A backup could not be written (the directory is full or unwritable)."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_backups(directory: str) -> list[int]:
+    """Epochs of the complete backups in `directory`, newest first (not yet
+    checked against their checksums)."""
+    if not os.path.isdir(directory):
+        return []
+    epochs = []
+    for name in os.listdir(directory):
+        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit():
+            if os.path.isfile(os.path.join(directory, name, META)):
+                epochs.append(int(name[len(_PREFIX) :]))
+    return sorted(epochs, reverse=True)
+
+
+def read_meta(directory: str, epoch: int) -> dict:
+    with open(os.path.join(directory, f"{_PREFIX}{epoch:06d}", META)) as f:
+        return json.load(f)
+
+
+def verify(directory: str, epoch: int) -> str | None:
+    """None when the backup of `epoch` is intact, else why it is not."""
+    path = os.path.join(directory, f"{_PREFIX}{epoch:06d}")
+    try:
+        meta = read_meta(directory, epoch)
+    except (OSError, ValueError) as e:
+        return f"unreadable {META} ({e})"
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        return f"{WEIGHTS} is missing"
+    try:
+        actual = _sha256(weights)
+    except OSError as e:
+        return f"unreadable {WEIGHTS} ({e})"
+    if actual != meta.get("sha256"):
+        return f"{WEIGHTS} does not match its checksum (corrupt or truncated)"
+    return None
+
+
+class Backup(keras.callbacks.Callback):
+    """Backs training up at every epoch end and resumes from the newest
+    intact backup when training starts.
+
+    Args:
+        directory: this process's backup directory (created when needed).
+            Processes that train together each need their own.
+        keep: how many backups to keep (>= 1). Two or more survive a
+            corrupted newest backup.
+        agree: for jobs of several processes: called with this process's
+            intact epochs (newest first) on every process at once, returns
+            the epoch they all resume from, or None to start afresh.
+        extra: called at every save; its dict (JSON) is stored with the
+            backup and handed back as `restored_extra` on resume.
+        delete_on_finish: remove the backups when `fit` ends. `train.py`
+            keeps them until its results are written and calls `remove`.
+        verbose: print what was restored or skipped.
+
+    After `on_train_begin`: `restored_epoch` (None when starting afresh),
+    `restored_step`, `restored_history` (the per-epoch logs of the epochs
+    before it, as `History.history`), `restored_extra`.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 2,
+        agree: Callable[[Sequence[int]], int | None] | None = None,
+        extra: Callable[[], dict] | None = None,
+        delete_on_finish: bool = True,
+        verbose: bool = True,
+    ):
+        super().__init__()
+        if not directory:
+            raise ValueError("Backup needs a directory.")
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"Backup keep must be an integer >= 1, got {keep!r}.")
+        self.directory = directory
+        self.keep = keep
+        self.agree = agree
+        self.extra = extra
+        self.delete_on_finish = delete_on_finish
+        self.verbose = verbose
+        self.restored_epoch: int | None = None
+        self.restored_step = 0
+        self.restored_history: dict[str, list[float]] = {}
+        self.restored_extra: dict = {}
+        self.history: dict[str, list[float]] = {}
+        self._plan: tuple[int | None] | None = None
+        self.saves = 0
+        self.save_seconds = 0.0
+
+    # ------------------------------------------------------------- helpers
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            print(f"[backup] {message}", flush=True)
+
+    def _path(self, epoch: int) -> str:
+        return os.path.join(self.directory, f"{_PREFIX}{epoch:06d}")
+
+    def check_writable(self) -> None:
+        """Raises BackupError when the directory cannot be created or written."""
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            probe = os.path.join(self.directory, f"{_TMP}probe-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise BackupError(
+                f"backup directory {self.directory} is not writable ({e}); point the workdir at a "
+                "writable directory."
+            ) from e
+
+    def intact_epochs(self) -> list[int]:
+        """Epochs of the backups that pass their checksum, newest first."""
+        good = []
+        for epoch in list_backups(self.directory):
+            problem = verify(self.directory, epoch)
+            if problem is None:
+                good.append(epoch)
+            else:
+                print(
+                    f"WARNING: skipping the backup of epoch {epoch} in {self.directory}: {problem}.",
+                    flush=True,
+                )
+        return good
+
+    def _clean_temporaries(self) -> None:
+        if not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(_TMP):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # ------------------------------------------------------------- restore
+    def resume_epoch(self) -> int | None:
+        """The epoch training will resume from (None: from the start). Call it
+        before `fit` to build the input pipeline to match (every process of a
+        job at once when `agree` is set); `fit` then restores that backup."""
+        if self._plan is None:
+            self._clean_temporaries()
+            self.check_writable()
+            epochs = self.intact_epochs()
+            chosen = self.agree(epochs) if self.agree is not None else (epochs[0] if epochs else None)
+            if chosen is None and epochs:
+                self._say(f"the other processes hold none of the epochs {epochs}: starting afresh")
+            self._plan = (chosen,)
+        return self._plan[0]
+
+    def on_train_begin(self, logs=None):
+        chosen = self.resume_epoch()
+        self._plan = None  # a later fit looks again
+        self.restored_epoch = None
+        if chosen is None:
+            self.history = {}
+            return
+        epochs = list_backups(self.directory)
+        if chosen not in epochs:
+            raise BackupError(
+                f"processes agreed to resume from epoch {chosen}, which {self.directory} does not hold "
+                f"(it has {epochs}); remove the backup directories to start afresh."
+            )
+        model = self.model
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(os.path.join(self._path(chosen), WEIGHTS))
+        except (ValueError, KeyError) as e:
+            raise BackupError(
+                f"the backup of epoch {chosen} in {self.directory} does not fit this model ({e}); it "
+                "was written by another configuration: use another workdir or remove it."
+            ) from e
+        meta = read_meta(self.directory, chosen)
+        self.restored_epoch = chosen
+        self.restored_step = int(model.optimizer.iterations.numpy()) if model.optimizer else 0
+        if self.restored_step != meta.get("step", self.restored_step):
+            raise BackupError(
+                f"backup of epoch {chosen} in {self.directory} says step {meta.get('step')} but holds "
+                f"optimizer step {self.restored_step}: it belongs to another run; remove it."
+            )
+        self.restored_history = {k: list(v) for k, v in meta.get("history", {}).items()}
+        self.restored_extra = dict(meta.get("extra", {}))
+        self.history = {k: list(v) for k, v in self.restored_history.items()}
+        model._initial_epoch = chosen
+        self._say(f"resumed from epoch {chosen} (step {self.restored_step}) in {self.directory}")
+
+    # ---------------------------------------------------------------- save
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        self.save(epoch + 1)
+
+    def save(self, epoch: int) -> str:
+        """Writes the backup of the state after `epoch` epochs, atomically."""
+        begin = time.perf_counter()
+        final = self._path(epoch)
+        tmp = os.path.join(self.directory, f"{_TMP}{epoch:06d}-{os.getpid()}")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            weights = os.path.join(tmp, WEIGHTS)
+            self.model.save_weights(weights)
+            meta = {
+                "epoch": epoch,
+                "step": int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0,
+                "sha256": _sha256(weights),
+                "time": time.time(),
+                "history": self.history,
+                "extra": self.extra() if self.extra is not None else {},
+            }
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(weights, "rb+") as f:
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # a rerun of this epoch after resuming from an older one
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = list_backups(self.directory)
+            where = f"the backup of epoch {kept[0]} is intact" if kept else "no earlier backup exists"
+            raise BackupError(
+                f"could not write the backup of epoch {epoch} to {self.directory}: {e}. Nothing was "
+                f"half-written ({where}); free space or fix the directory, then run the same command "
+                "to resume."
+            ) from e
+        for old in list_backups(self.directory)[self.keep :]:
+            shutil.rmtree(self._path(old), ignore_errors=True)
+        self.saves += 1
+        self.save_seconds += time.perf_counter() - begin
+        return final
+
+    def on_train_end(self, logs=None):
+        if self.delete_on_finish:
+            self.remove()
+
+    def remove(self) -> None:
+        """Deletes every backup (training finished; a rerun starts afresh)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
