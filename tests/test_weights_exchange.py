@@ -213,7 +213,7 @@ def test_a_killed_group_is_survived_and_rejoins_after_restart(tmp_path, data_dir
         log1.close()
     out0 = (tmp_path / "g0.log").read_text()
     assert out0.count("peer group 1 is stale") == 1 and "peer group 1 is back" in out0
-    assert "resuming from the backup" in (tmp_path / "g1.restart.log").read_text()
+    assert "[backup] resumed from epoch" in (tmp_path / "g1.restart.log").read_text()
     scale = [json.loads(line)["peer_scale"] for line in open(tmp_path / "g0" / "codistill" / "steps.jsonl")]
     assert 0.0 in scale and scale[-1] == 1.0  # dropped while stale, restored once back
     run0, run1 = _results(tmp_path / "g0"), _results(tmp_path / "g1")

@@ -34,8 +34,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import keras
+import numpy as np
 
 WEIGHTS = "state.weights.h5"
+EXCHANGE = "exchange.npz"  # the exchange's own state (stale peer copies), when it has one
 META = "meta.json"
 _PREFIX = "epoch-"
 _TMP = ".tmp-"
@@ -100,6 +102,13 @@ def verify(directory: str, epoch: int) -> str | None:
         return f"unreadable {WEIGHTS} ({e})"
     if actual != meta.get("sha256"):
         return f"{WEIGHTS} does not match its checksum (corrupt or truncated)"
+    if meta.get("exchange_sha256"):
+        try:
+            actual = _sha256(os.path.join(path, EXCHANGE))
+        except OSError as e:
+            return f"unreadable {EXCHANGE} ({e})"
+        if actual != meta["exchange_sha256"]:
+            return f"{EXCHANGE} does not match its checksum (corrupt or truncated)"
     return None
 
 
@@ -162,6 +171,14 @@ class Backup(keras.callbacks.Callback):
 
     def _path(self, epoch: int) -> str:
         return os.path.join(self.directory, f"{_PREFIX}{epoch:06d}")
+
+    def _exchange(self):
+        exchange = getattr(self.model, "exchange", None)
+        return exchange if hasattr(exchange, "state_dict") else None
+
+    def _exchange_state(self) -> dict:
+        exchange = self._exchange()
+        return exchange.state_dict() if exchange is not None else {}
 
     def check_writable(self) -> None:
         """Raises BackupError when the directory cannot be created or written."""
@@ -244,6 +261,9 @@ class Backup(keras.callbacks.Callback):
                 f"backup of epoch {chosen} in {self.directory} says step {meta.get('step')} but holds "
                 f"optimizer step {self.restored_step}: it belongs to another run; remove it."
             )
+        if meta.get("exchange_sha256") and self._exchange() is not None:
+            with np.load(os.path.join(self._path(chosen), EXCHANGE)) as state:
+                self._exchange().load_state_dict(dict(state))
         self.restored_history = {k: list(v) for k, v in meta.get("history", {}).items()}
         self.restored_extra = dict(meta.get("extra", {}))
         self.history = {k: list(v) for k, v in self.restored_history.items()}
@@ -267,10 +287,17 @@ class Backup(keras.callbacks.Callback):
             os.makedirs(tmp)
             weights = os.path.join(tmp, WEIGHTS)
             self.model.save_weights(weights)
+            exchange_state = self._exchange_state()
+            exchange_sha = None
+            if exchange_state:
+                with open(os.path.join(tmp, EXCHANGE), "wb") as f:
+                    np.savez(f, **exchange_state)
+                exchange_sha = _sha256(os.path.join(tmp, EXCHANGE))
             meta = {
                 "epoch": epoch,
                 "step": int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0,
                 "sha256": _sha256(weights),
+                "exchange_sha256": exchange_sha,
                 "time": time.time(),
                 "history": self.history,
                 "extra": self.extra() if self.extra is not None else {},

@@ -64,3 +64,11 @@ class Exchange:
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         """Bytes this process sends to other processes per training step."""
         return 0.0
+
+    def state_dict(self) -> dict:
+        """State a backup must keep beyond the model's weights (arrays by
+        name), e.g. stale peer copies. Empty for exchanges without state."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what `state_dict` returned (called by `Backup` before training)."""

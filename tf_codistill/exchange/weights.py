@@ -429,6 +429,7 @@ class StaleWeightsExchange(Exchange):
         self._snapshot_step = {g: None for g in self.peer_groups}
         self._last_new = {g: time.monotonic() for g in self.peer_groups}
         self._stale_warned: set[int] = set()
+        self._restored = False
         self._scale = keras.Variable(0.0, trainable=False, name="codistill_peer_scale")
         self._staleness = keras.Variable(0.0, trainable=False, name="codistill_staleness")
         self._shapes = [tuple(w.shape) for w in template.get_weights()]
@@ -462,7 +463,39 @@ class StaleWeightsExchange(Exchange):
         self.transport.start(
             self.own_groups, [g for g in self.peer_groups if g not in self.own_groups], self._shapes
         )
+        if self._restored:
+            # Resumed from a backup: the copies are the ones the uninterrupted
+            # run held at this step; the next refresh is at the next multiple
+            # of `every`, as it would have been.
+            self._restored = False
+            self._update_scale(step, time.monotonic())
+            return
         self.refresh(step, publish=True)
+
+    def state_dict(self) -> dict:
+        state = {}
+        for g in self.peer_groups:
+            if self._snapshot_step[g] is None:
+                continue
+            state[f"step{g}"] = np.array(self._snapshot_step[g], np.int64)
+            for i, w in enumerate(self.copies[g].get_weights()):
+                state[f"copy{g}_{i}"] = np.asarray(w)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        now = time.monotonic()
+        for g in self.peer_groups:
+            if f"step{g}" not in state:
+                continue
+            weights = [state[f"copy{g}_{i}"] for i in range(len(self._shapes))]
+            if _shapes(weights) != self._shapes:
+                raise ValueError(
+                    f"the backup's copy of group {g} has shapes {_shapes(weights)}, not {self._shapes}."
+                )
+            self.copies[g].set_weights(weights)
+            self._snapshot_step[g] = int(state[f"step{g}"])
+            self._last_new[g] = now
+        self._restored = any(f"step{g}" in state for g in self.peer_groups)
 
     def refresh(self, step: int, publish: bool) -> None:
         begin = time.perf_counter()
