@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import numbers
 import os
 import sys
 import time
@@ -100,7 +102,7 @@ flags.DEFINE_enum("distance", "kl", ["mse", "kl", "reverse_kl"], "Distance to th
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature for the KL distances.")
 flags.DEFINE_integer("burn_in_steps", 0, "Steps with alpha = 0 at the start.")
 flags.DEFINE_integer("alpha_ramp_steps", 0, "Steps over which alpha ramps linearly up after burn-in.")
-flags.DEFINE_integer("seed", 0, "Seed for initial weights and data order.")
+flags.DEFINE_integer("seed", 0, "Seed for initial weights and data order, in [0, 4294967].")
 flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
 flags.DEFINE_integer(
     "steps_per_execution", 1, "Training steps per compiled call (Keras); logs are reduced once per call."
@@ -188,13 +190,24 @@ class TrainConfig:
         return self.resolved_exchange() == "weights" and self.exchange_dir is not None
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad setting and what to do instead."""
+        """Raises ValueError naming the bad setting and what to do instead
+        (TypeError for a value of the wrong type, e.g. a string for a number)."""
         from models import MODELS
         from tf_codistill.losses import get_distance
 
         def bad(msg):
             raise ValueError(msg)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type.split(" |")[0]  # "int", "float", "str" (or "str | None")
+            if value is None and f.type.endswith("| None"):
+                continue
+            types, what = _FIELD_TYPES[kind]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise TypeError(f"--{f.name} must be {what}, got {value!r}.")
+            if kind == "float" and not math.isfinite(value):  # nan fails every comparison below
+                bad(f"--{f.name} must be a finite number, got {value}.")
         if self.mode not in ("sync", "codistill", "both"):
             bad(f"--mode must be sync, codistill or both; got {self.mode!r}.")
         if self.num_groups < 1:
@@ -213,8 +226,12 @@ class TrainConfig:
             bad(f"--peer_timeout must be > 0 seconds, got {self.peer_timeout}.")
         if self.on_stale not in ("keep", "drop"):
             bad(f"--on_stale must be keep or drop; got {self.on_stale!r}.")
-        if self.exchange_dir is not None and self.resolved_exchange() != "weights":
-            bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
+        if self.exchange_dir is not None:
+            if not self.exchange_dir.strip():
+                bad("--exchange_dir is empty: give the shared directory, or leave the flag out.")
+            if self.resolved_exchange() != "weights":
+                bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
+            check_directory("exchange_dir", self.exchange_dir)
         if self.separate_group():
             if self.mode != "codistill":
                 bad("--exchange_dir runs one codistillation group per job: use --mode=codistill.")
@@ -242,8 +259,21 @@ class TrainConfig:
                     "--exchange=horovod swaps predictions on the same examples every step, which "
                     "needs --data_mode=shared; independent data orders need the stale-weights exchange."
                 )
+            if (
+                self.resolved_exchange() == "weights"
+                and self.mode == "codistill"
+                and self.data_mode == "shared"
+            ):
+                bad(
+                    "--data_mode=shared: with --exchange=weights across jobs or processes every group "
+                    "draws its own data order; use --data_mode=independent (or auto)."
+                )
         if self.model not in MODELS:
             bad(f"Unknown model {self.model!r}. Choose one of {sorted(MODELS)}.")
+        if not self.dataset.strip():
+            bad("--dataset is empty: give a name such as mnist1d, mnist1d/n<samples>, digits or cifar10.")
+        if self.data_dir is not None:
+            check_directory("data_dir", self.data_dir, must_write=False)
         if self.batch_size < 1:
             bad(f"--batch_size must be >= 1, got {self.batch_size}.")
         if self.mode != "sync" and self.batch_size % self.num_groups:
@@ -251,37 +281,139 @@ class TrainConfig:
                 f"--batch_size={self.batch_size} is not divisible by --num_groups={self.num_groups}; "
                 "each group takes batch_size / num_groups examples per step."
             )
+        if self.epochs < 0:
+            bad(f"--epochs must be >= 0, got {self.epochs}.")
+        if self.steps < 0:
+            bad(f"--steps must be >= 0, got {self.steps}.")
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
         if self.backup_keep < 0:
             bad(f"--backup_keep must be >= 0 (0: no backups), got {self.backup_keep}.")
         if self.steps_per_execution < 1:
             bad(f"--steps_per_execution must be >= 1, got {self.steps_per_execution}.")
-        if self.steps < 0:
-            bad(f"--steps must be >= 0, got {self.steps}.")
+        if self.optimizer not in ("sgd", "adam"):
+            bad(f"--optimizer must be sgd or adam; got {self.optimizer!r}.")
         if self.base_lr <= 0:
             bad(f"--base_lr must be > 0, got {self.base_lr}.")
+        if self.lr_schedule not in ("step", "cosine", "constant"):
+            bad(f"--lr_schedule must be step, cosine or constant; got {self.lr_schedule!r}.")
         if self.weight_decay < 0:
             bad(f"--weight_decay must be >= 0, got {self.weight_decay}.")
         if self.alpha < 0:
             bad(f"--alpha must be >= 0, got {self.alpha}. alpha=0 turns the distillation term off.")
+        if self.temperature <= 0:
+            bad(
+                f"--temperature must be > 0, got {self.temperature}. Use 1.0 for the plain softmax; "
+                "larger values soften both distributions."
+            )
         if self.warmup_epochs < 0:
             bad(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}.")
         if self.burn_in_steps < 0 or self.alpha_ramp_steps < 0:
             bad("--burn_in_steps and --alpha_ramp_steps must be >= 0.")
         if not 0 < self.train_fraction <= 1:
             bad(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
-        get_distance(self.distance, self.temperature)  # validates name and temperature
+        max_seed = (2**32 - self.num_groups) // 1000
+        if not 0 <= self.seed <= max_seed:
+            bad(
+                f"--seed must be in [0, {max_seed}], got {self.seed}: group g's model is seeded "
+                "with seed * 1000 + g, which must fit in 32 bits."
+            )
+        if self.verbose not in (0, 1, 2):
+            bad(
+                f"--verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {self.verbose}."
+            )
+        get_distance(self.distance, self.temperature)  # validates the name
         for name in ("lr_milestones", "codistill_lr_milestones"):
             value = getattr(self, name)
             if value is not None:
                 parse_milestones(value, name)
+        if self.lr_schedule != "step":
+            if self.lr_milestones != "goyal":
+                bad(f"--lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
+            if self.codistill_lr_milestones is not None:
+                bad(f"--codistill_lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
         for name in ("wd_schedule", "codistill_wd_schedule"):
             value = getattr(self, name)
             if value is not None and value not in ("constant", "paper"):
                 bad(f"--{name} must be constant or paper; got {value!r}.")
             if value == "paper" and self.lr_schedule != "step":
                 bad(f"--{name}=paper follows the step schedule's decays; use --lr_schedule=step.")
+        if self.mode == "sync":
+            for name in ("codistill_lr_milestones", "codistill_wd_schedule"):
+                if getattr(self, name) is not None:
+                    bad(f"--{name} applies to the codistillation arm only, and --mode=sync has none.")
+        for arm in self.arms():
+            milestones_flag = "lr_milestones"
+            wd_flag = "wd_schedule"
+            if arm == "codistill":
+                if self.codistill_lr_milestones is not None:
+                    milestones_flag = "codistill_lr_milestones"
+                if self.codistill_wd_schedule is not None:
+                    wd_flag = "codistill_wd_schedule"
+            milestones = getattr(self, milestones_flag)
+            if getattr(self, wd_flag) == "paper" and len(parse_milestones(milestones)) < 2:
+                bad(
+                    f"--{wd_flag}=paper changes weight decay at the first two lr decays, but "
+                    f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
+                )
+
+    def check_run_length(self, num_train: int) -> list[str]:
+        """Checks the settings that depend on the run's length in steps (known
+        once the training set's size is). Raises ValueError; returns warnings."""
+        steps_per_epoch = max(1, num_train // self.batch_size)
+        total = self.steps if self.steps > 0 else self.epochs * steps_per_epoch
+        if self.mode != "sync" and self.burn_in_steps >= total:
+            raise ValueError(
+                f"--burn_in_steps={self.burn_in_steps} covers the whole run ({total} steps), so alpha "
+                f"stays 0 and the groups never distil; use fewer than {total} burn-in steps."
+            )
+        warnings = []
+        warmup = int(round(self.warmup_epochs * steps_per_epoch))
+        if warmup >= total:
+            warnings.append(
+                f"--warmup_epochs={self.warmup_epochs:g} is {warmup} steps, not shorter than the run "
+                f"({total} steps): it is cut to {max(total - 1, 0)} steps, so the learning rate peaks only "
+                "at the last step. Lower --warmup_epochs."
+            )
+        if (
+            self.mode != "sync"
+            and self.alpha_ramp_steps
+            and self.burn_in_steps + self.alpha_ramp_steps > total
+        ):
+            warnings.append(
+                f"--burn_in_steps + --alpha_ramp_steps = {self.burn_in_steps + self.alpha_ramp_steps} "
+                f"steps, longer than the run ({total} steps): alpha never reaches {self.alpha:g}."
+            )
+        return warnings
+
+
+_FIELD_TYPES = {
+    "int": (numbers.Integral, "an integer"),
+    "float": (numbers.Real, "a number"),
+    "str": (str, "a string"),
+}
+
+
+def check_directory(flag: str, path: str, must_write: bool = True) -> None:
+    """Raises ValueError unless `path` is a directory this process can write
+    to, or can create. `must_write=False` accepts an existing read-only
+    directory (e.g. prepared datasets)."""
+    if not path.strip():
+        raise ValueError(f"--{flag} is empty: give a directory.")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"--{flag}={path} is an existing file, not a directory; choose another path.")
+        if must_write and not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"--{flag}={path} is not writable; choose a directory you can write to.")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--{flag}={path} cannot be created: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag}={path} cannot be created: {parent} is not writable.")
 
 
 def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...]:
@@ -293,7 +425,11 @@ def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
-    if not values or any(not 0 < v < 1 for v in values) or list(values) != sorted(values):
+    if (
+        not values
+        or any(not 0 < v < 1 for v in values)  # also rejects nan and inf
+        or any(a >= b for a, b in zip(values, values[1:]))
+    ):
         raise ValueError(
             f"--{flag}={text!r}: give {' or '.join(MILESTONE_PRESETS)} or increasing fractions "
             "of the run in (0, 1), e.g. 0.4,0.84,0.98."
@@ -837,6 +973,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             f"--batch_size={config.batch_size} is larger than the training set ({spec.num_train} "
             "examples); lower it or raise --train_fraction."
         )
+    for warning in config.check_run_length(spec.num_train):
+        if not runtime.distributed or runtime.topology.rank == 0:
+            print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
     if config.batch_size % runtime.world_size:
         raise ValueError(
             f"--batch_size={config.batch_size} is not divisible by the {runtime.world_size} workers; "
@@ -915,6 +1054,7 @@ def main(argv):
     config = TrainConfig.from_flags()
     workdir = FLAGS.workdir
     try:
+        check_directory("workdir", workdir)
         train_and_evaluate(config, workdir)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)

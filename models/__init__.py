@@ -8,6 +8,7 @@ models know nothing about distribution or codistillation.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import keras
@@ -32,10 +33,24 @@ def build_model(
     Raises:
         ValueError: unknown name or bad shapes.
     """
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"Unknown model {name!r}. Choose one of {sorted(MODELS)}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an integer, got {num_classes!r}.")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+    try:
+        dims = tuple(input_shape)
+    except TypeError:
+        raise TypeError(f"input_shape must be a tuple of sizes, e.g. (40,), got {input_shape!r}.") from None
+    if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims):
+        raise ValueError(
+            f"input_shape must be a non-empty tuple of positive integers (no batch dimension), got {input_shape!r}."
+        )
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32
+    ):
+        raise ValueError(f"seed must be an integer in [0, 2**32) or None, got {seed!r}.")
     if seed is not None:
         keras.utils.set_random_seed(seed)
     return MODELS[name](tuple(input_shape), num_classes)

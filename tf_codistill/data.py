@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import numbers
 import os
 import re
 import tempfile
@@ -56,6 +57,11 @@ class DatasetSpec:
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     match = re.fullmatch(r"mnist1d/n(\d+)", name)
+    if name.startswith("mnist1d/") and not match and name[len("mnist1d/") :] != "default":
+        raise ValueError(
+            f"Unknown dataset {name!r}: MNIST-1D sizes are written mnist1d/n<samples>, "
+            "e.g. mnist1d/n70000 (plain mnist1d: 5,000 samples)."
+        )
     try:
         if match:
             config = config_for(int(match.group(1)))
@@ -108,6 +114,12 @@ def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuild
         with _prepare_lock(builder):
             builder = _builder(name, data_dir)
             if not builder.is_prepared():
+                root = os.fspath(builder.data_dir_root)
+                if os.path.isdir(root) and not os.access(root, os.W_OK | os.X_OK):
+                    raise ValueError(
+                        f"Dataset {name!r} is not prepared in {root}, and that directory is not "
+                        "writable; prepare it there once, or pass a writable --data_dir."
+                    )
                 tfds.disable_progress_bar()
                 try:
                     builder.download_and_prepare()
@@ -133,8 +145,18 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
     Raises:
         ValueError: unknown dataset, no supervised keys, bad fraction.
     """
-    if not 0.0 < train_fraction <= 1.0:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name (str), got {name!r}.")
+    if not name.strip():
+        raise ValueError("The dataset name is empty: give one such as mnist1d, digits or cifar10.")
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, numbers.Real):
+        raise TypeError(f"train_fraction must be a number, got {train_fraction!r}.")
+    if not 0.0 < train_fraction <= 1.0:  # also rejects nan
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
+    if data_dir is not None:
+        path = os.path.expanduser(os.fspath(data_dir))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"data_dir {path} is an existing file, not a directory.")
     builder = _prepared_builder(name, data_dir)
     info = builder.info
     if not info.supervised_keys:
@@ -170,6 +192,26 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
         train_split=train_split,
         test_split=test_split,
     )
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+
+
+def _check_part(name: str, part) -> None:
+    """`shard` / `slice_of`: None or (index, count) with 0 <= index < count."""
+    if part is None:
+        return
+    try:
+        index, count = part
+        ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in part)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not 0 <= index < count:
+        raise ValueError(f"{name} must be (index, count) with 0 <= index < count, got {part!r}.")
 
 
 def _normalise(x, y):
@@ -210,10 +252,11 @@ def train_batches(
         skip_batches: start after this many batches of the stream (a resumed
             run continues the uninterrupted run's data order).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if skip_batches < 0:
-        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}.")
+    _check_batch_size(batch_size)
+    _check_part("shard", shard)
+    _check_part("slice_of", slice_of)
+    if isinstance(skip_batches, bool) or not isinstance(skip_batches, int) or skip_batches < 0:
+        raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
     ds = _split(spec, spec.train_split, data_dir, shard)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
@@ -261,6 +304,12 @@ def eval_batches(
         shard: `(index, count)` to read only every count-th example.
         limit: use only the first `limit` test examples (before sharding).
     """
+    _check_batch_size(batch_size)
+    _check_part("shard", shard)
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0
+    ):
+        raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}.")
     builder = _prepared_builder(spec.name, data_dir)
     ds = builder.as_dataset(split=spec.test_split, as_supervised=True, shuffle_files=False)
     if limit is not None:

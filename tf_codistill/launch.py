@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import os
 import re
 import shlex
@@ -517,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--np must be >= 1, got {args.np}.")
         if args.groups is not None and args.groups < 1:
             raise UsageError(f"--groups must be >= 1, got {args.groups}.")
+        for flag, value in (("timeout", args.timeout), ("collective_timeout", args.collective_timeout)):
+            if value is not None and not math.isfinite(value):  # nan passes every comparison
+                raise UsageError(f"--{flag} must be a finite number of seconds, got {value:g}.")
         if args.timeout <= 0:
             raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}.")
         if args.collective_timeout is not None and args.collective_timeout <= 0:
@@ -532,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"of processes; use an --np that is a multiple of {groups}."
             )
         collective_timeout, pass_timeout = _resolve_collective_timeout(args.collective_timeout, program[1:])
+        if not (math.isfinite(collective_timeout) and collective_timeout > 0):
+            raise UsageError(
+                f"the program's --collective_timeout must be a finite number > 0 seconds, "
+                f"got {collective_timeout:g}."
+            )
         horovodrun = find_horovodrun()
         if horovodrun is None:
             raise UsageError("Horovod is not installed: run `make horovod` (horovodrun not found).")

@@ -22,6 +22,7 @@ dataset whose order does not matter).
 
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 import tempfile
@@ -73,6 +74,13 @@ def _task_id(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = getattr(resolver, "task_id", None)
     return int(task_id) if task_id is not None else 0
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 def _format_logs(logs: dict[str, float]) -> str:
@@ -130,10 +138,11 @@ class CodistillLoop:
                 "strategy.scope() when distributed) before building a CodistillLoop; the loop "
                 "uses the compiled optimizer, task loss and metrics."
             )
-        if max_checkpoints < 1:
-            raise ValueError(f"max_checkpoints must be >= 1, got {max_checkpoints}.")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
+        _check_count("max_checkpoints", max_checkpoints, 1)
+        _check_count("checkpoint_every", checkpoint_every, 0)
+        for name, directory in (("checkpoint_dir", checkpoint_dir), ("summary_dir", summary_dir)):
+            if directory is not None and os.path.isfile(directory):
+                raise ValueError(f"{name}={directory} is an existing file; give a directory.")
         own = getattr(model, "_distribute_strategy", None)
         if strategy is None:
             strategy = model.distribute_strategy
@@ -281,6 +290,9 @@ class CodistillLoop:
         Raises:
             ValueError: negative `steps` or `log_every`.
         """
+        for name, value in (("steps", steps), ("log_every", log_every)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
         if steps < 0 or log_every < 0:
             raise ValueError(f"steps and log_every must be >= 0; got steps={steps}, log_every={log_every}.")
         start = self.step if self._restored else self.restore()
@@ -358,8 +370,8 @@ class CodistillLoop:
             The final logs (`loss`, per-member and ensemble metrics, ...) as
             floats; `{}` when the dataset is empty.
         """
-        if steps is not None and steps < 0:
-            raise ValueError(f"steps must be >= 0 or None, got {steps}.")
+        if steps is not None:
+            _check_count("steps", steps, 0)
         self.model.reset_metrics()
         if self._test_fn is None:
             self._test_fn = self._step_function(self.model.test_step)

@@ -17,6 +17,8 @@ Distances available by name through `get_distance`:
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -81,6 +83,8 @@ class _TemperedDistance(CodistillDistance):
     def __init__(self, temperature: float = 1.0):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature must be a number, got {temperature!r}.")
+        if not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number, got {temperature}.")
         if not temperature > 0:
             raise ValueError(
                 f"temperature must be > 0, got {temperature}. Use 1.0 for the "
@@ -139,7 +143,7 @@ def get_distance(distance: str | CodistillDistance, temperature: float = 1.0) ->
     """
     if isinstance(distance, CodistillDistance):
         return distance
-    if distance not in DISTANCES:
+    if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(
             f"Unknown distance {distance!r}. Choose one of {sorted(DISTANCES)} "
             "or pass a tf_codistill.losses.CodistillDistance instance."

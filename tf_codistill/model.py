@@ -12,6 +12,8 @@ through the same train step.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import keras
@@ -181,12 +183,28 @@ class CodistillModel(keras.Model):
             raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
-        if isinstance(weight_decay, (int, float)):
+        if isinstance(weight_decay, bool) or not (
+            isinstance(weight_decay, numbers.Real) or callable(weight_decay)
+        ):
+            raise TypeError(f"weight_decay must be a number or a step schedule, got {weight_decay!r}.")
+        if isinstance(weight_decay, numbers.Real):
+            if not math.isfinite(weight_decay):
+                raise ValueError(f"weight_decay must be a finite number, got {weight_decay}.")
             if weight_decay < 0:
                 raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
             weight_decay = float(weight_decay)
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+                raise TypeError(f"num_classes must be an integer or None, got {num_classes!r}.")
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if exchange is not None and not isinstance(exchange, Exchange):
+            raise TypeError(
+                f"exchange must be a tf_codistill Exchange (LocalExchange, StaleWeightsExchange, ...), "
+                f"got {type(exchange).__name__}."
+            )
+        if isinstance(max_bad_peer_steps, bool) or not isinstance(max_bad_peer_steps, numbers.Integral):
+            raise TypeError(f"max_bad_peer_steps must be an integer, got {max_bad_peer_steps!r}.")
         self.members = members
         self.distance = get_distance(distance, temperature)
         self.alpha_schedule = alpha

@@ -33,7 +33,9 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,32 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ["load_study", "run_study", "main"]
+
+# Set by the runner for every run: a study gives `seeds` and `--out` instead.
+_RUNNER_FLAGS = ("seed", "workdir", "verbose")
+
+
+def train_flags() -> set[str]:
+    """The flag names train.py defines (read from its source: importing it loads TensorFlow)."""
+    with open(os.path.join(REPO, "train.py")) as f:
+        return set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read()))
+
+
+def _check_settings(path: str, where: str, settings: dict, known: set[str]) -> None:
+    for key, value in settings.items():
+        if key == "label" and where != "[common]":
+            continue
+        if key in _RUNNER_FLAGS:
+            raise ValueError(
+                f"{path}: {where} sets `{key}`, which the study runner sets for every run; "
+                "use `seeds` (and --out) instead."
+            )
+        if key not in known:
+            raise ValueError(f"{path}: {where} has `{key}`, which is not a train.py flag.")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{path}: {where} `{key}` must be a single value, got {value!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{path}: {where} `{key}` must be a finite number, got {value}.")
 
 
 def load_study(path: str) -> dict:
@@ -56,13 +84,36 @@ def load_study(path: str) -> dict:
     for key in ("name", "seeds", "arms"):
         if key not in study:
             raise ValueError(f"{path}: missing `{key}`.")
-    labels = [arm.get("label") for arm in study["arms"]]
+    name = study["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"{path}: `name` must be a folder name (letters, digits, _ . -); got {name!r}.")
+    for key in ("title", "expect"):
+        if key in study and not isinstance(study[key], str):
+            raise ValueError(f"{path}: `{key}` must be a string.")
+    arms = study["arms"]
+    if not isinstance(arms, list) or not arms or not all(isinstance(arm, dict) for arm in arms):
+        raise ValueError(f"{path}: `arms` must be a non-empty array of tables ([[arms]] sections).")
+    labels = [arm.get("label") for arm in arms]
     if None in labels or len(set(labels)) != len(labels):
         raise ValueError(f"{path}: every arm needs a unique `label`; got {labels}.")
-    if not study["seeds"] or not all(isinstance(s, int) for s in study["seeds"]):
-        raise ValueError(f"{path}: `seeds` must be a non-empty list of integers.")
+    if not all(isinstance(label, str) and re.fullmatch(r"[\w.-]+", label) for label in labels):
+        raise ValueError(f"{path}: arm labels must be folder names (letters, digits, _ . -); got {labels}.")
+    seeds = study["seeds"]
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"{path}: `seeds` must be a non-empty list of distinct integers >= 0.")
     study.setdefault("title", study["name"])
     study.setdefault("common", {})
+    if not isinstance(study["common"], dict):
+        raise ValueError(f"{path}: `common` must be a table ([common] section) of train.py flags.")
+    known = train_flags()
+    _check_settings(path, "[common]", study["common"], known)
+    for arm in arms:
+        _check_settings(path, f"arm {arm['label']!r}", arm, known)
     study["path"] = path
     return study
 
@@ -244,6 +295,33 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=None, help="override every study's seeds, e.g. 0 or 0,1")
     parser.add_argument("--set", action="append", default=[], help="override a common flag: key=value")
     args = parser.parse_args(argv)
+    overrides = {}
+    try:
+        if args.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, got {args.parallel}.")
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise ValueError(f"--timeout must be a finite number > 0 seconds, got {args.timeout:g}.")
+        seeds = None
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"--seeds={args.seeds!r}: give integers separated by commas, e.g. 0,1,2."
+                ) from None
+            if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+                raise ValueError(f"--seeds={args.seeds!r}: give distinct integers >= 0.")
+        known = train_flags()
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"--set={item!r}: give key=value, e.g. --set steps=500.")
+            if key not in known or key in _RUNNER_FLAGS:
+                raise ValueError(f"--set={item!r}: `{key}` is not a train.py flag the study can set.")
+            overrides[key] = value
+    except ValueError as err:
+        print(f"study: error: {err}", file=sys.stderr)
+        return 2
 
     paths = (
         sorted(os.path.join(args.config, p) for p in os.listdir(args.config) if p.endswith(".toml"))
@@ -259,11 +337,9 @@ def main(argv=None) -> int:
         print(f"study: error: no .toml studies in {args.config}", file=sys.stderr)
         return 2
     for study in studies:
-        if args.seeds:
-            study["seeds"] = [int(s) for s in args.seeds.split(",")]
-        for item in args.set:
-            key, _, value = item.partition("=")
-            study["common"][key] = value
+        if seeds:
+            study["seeds"] = seeds
+        study["common"].update(overrides)
     started = time.monotonic()
     sections = []
     for study in studies:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
+import numbers
 import os
 import threading
 import time
@@ -131,8 +133,20 @@ class DirectoryTransport(Transport):
     name = "directory"
 
     def __init__(self, path: str, keep: int = 3, poll_seconds: float = 0.5, writer: bool = True):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path, got {path!r}.")
+        if not os.fspath(path).strip():
+            raise ValueError("path is empty: give the shared exchange directory.")
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
+            raise TypeError(f"keep must be an integer, got {keep!r}.")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 snapshot per group, got {keep}.")
+        if isinstance(poll_seconds, bool) or not isinstance(poll_seconds, numbers.Real):
+            raise TypeError(f"poll_seconds must be a number, got {poll_seconds!r}.")
+        if not (math.isfinite(poll_seconds) and poll_seconds > 0):
+            raise ValueError(f"poll_seconds must be a finite number > 0, got {poll_seconds}.")
         self.path = os.path.abspath(path)
-        self.keep = max(1, keep)
+        self.keep = int(keep)
         self.poll_seconds = poll_seconds
         self.writer = writer
         self._latest: dict[int, Snapshot] = {}
@@ -386,10 +400,26 @@ class StaleWeightsExchange(Exchange):
         peer_timeout: float = 300.0,
         on_stale: str = "keep",
     ):
+        for name, value in (("every", every), ("group", group), ("num_groups", num_groups)):
+            if value is None and name == "num_groups":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
         if every < 0:
             raise ValueError(f"exchange every must be >= 0 steps (0: never refresh), got {every}.")
+        if num_groups is not None and num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1 (or None: the local members), got {num_groups}.")
+        if transport is not None and not isinstance(transport, Transport):
+            raise TypeError(
+                "transport must be a Transport (LocalTransport, DirectoryTransport, "
+                f"HorovodWeightsTransport), got {type(transport).__name__}."
+            )
         if on_stale not in ON_STALE:
             raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}.")
+        if isinstance(peer_timeout, bool) or not isinstance(peer_timeout, numbers.Real):
+            raise TypeError(f"peer_timeout must be a number of seconds, got {peer_timeout!r}.")
+        if not math.isfinite(peer_timeout):
+            raise ValueError(f"peer_timeout must be a finite number of seconds, got {peer_timeout}.")
         if peer_timeout <= 0:
             raise ValueError(f"peer_timeout must be > 0 seconds, got {peer_timeout}.")
         self.every = every
