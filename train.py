@@ -1017,6 +1017,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     for backup in backups:
         if backup is not None:
             backup.remove()
+            try:  # the arm's backup/ folder, once every process has removed its own
+                os.rmdir(os.path.dirname(backup.directory))
+            except OSError:
+                pass
     return results
 
 

@@ -1,0 +1,169 @@
+"""kill -9 in the middle of training, then the same command: the run goes on
+from its last backup and ends exactly where an uninterrupted run ends.
+
+Every mode: one process (local prediction exchange, local stale weights) and
+Horovod jobs (sync over MultiWorkerMirroredStrategy, prediction exchange,
+stale weights over Horovod). The schedules cross the kill point: alpha ramps
+up, the learning rate and weight decay step down. Resumed runs read on in
+the uninterrupted run's data order, so on this CPU build every per-step log
+line, every epoch row and the final weights match bit for bit.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, python_env, worker_env
+
+from tf_codistill import backup
+
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+STEPS = 186  # 3 epochs of 62 steps (4,000 examples, batch 64)
+COMMON = [
+    "--dataset=mnist1d",
+    "--model=cnn1d",
+    "--batch_size=64",
+    f"--steps={STEPS}",
+    "--warmup_epochs=0.5",
+    "--verbose=0",
+    "--seed=2",
+    "--collective_timeout=60",
+    "--lr_milestones=0.5,0.8",  # lr and weight decay step down after the kill point
+    "--wd_schedule=paper",
+]
+CODISTILL = ["--mode=codistill", "--burn_in_steps=40", "--alpha_ramp_steps=60"]  # alpha ramps over it
+
+
+def _command(workdir, data_dir, processes, extra):
+    train = [sys.executable, "train.py", *COMMON, *extra, f"--data_dir={data_dir}", f"--workdir={workdir}"]
+    if processes == 1:
+        return train
+    return [HOROVODRUN, "--gloo", "-np", str(processes), "-H", f"localhost:{processes}", *train]
+
+
+def _env(processes):
+    return python_env() if processes == 1 else worker_env()
+
+
+def _rank_pid(workdir, rank):
+    """The train.py process writing to `workdir`: Horovod rank `rank`, or the
+    only one when `rank` is None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(cmdline) < 2 or cmdline[1] != b"train.py" or f"--workdir={workdir}".encode() not in cmdline:
+            continue
+        if rank is None or f"HOROVOD_RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def _files(workdir, arm):
+    folder = os.path.join(workdir, arm)
+    return {
+        name: open(os.path.join(folder, name), "rb").read()
+        for name in sorted(os.listdir(folder))
+        if name.endswith((".jsonl", ".csv", ".json"))
+    }
+
+
+def _kill_and_resume(tmp_path, data_dir, processes, extra, arm, victim):
+    """Uninterrupted run, then the same run killed (SIGKILL of rank `victim`)
+    once its second backup exists, then the same command again."""
+    env = _env(processes)
+    straight = tmp_path / "straight"
+    proc = subprocess.run(
+        _command(straight, data_dir, processes, extra),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    cmd = _command(killed, data_dir, processes, extra)
+    job = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    subdir = f"rank{victim}" if processes > 1 else ""
+    backups = killed / arm / "backup" / subdir
+    try:
+        deadline = time.monotonic() + 240
+        while 2 not in backup.list_backups(str(backups)):
+            assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no second backup within 240 s"
+            time.sleep(0.05)
+        pid = _rank_pid(killed, victim if processes > 1 else None)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=30)
+        log.close()
+    assert job.returncode != 0
+    assert not (killed / "results.json").exists()
+    for epoch in backup.list_backups(str(backups)):
+        assert backup.verify(str(backups), epoch) is None
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[backup] resumed from epoch" in again.stdout
+    assert _files(killed, arm) == _files(straight, arm)  # every step and epoch, bit for bit
+    first = json.loads((straight / "results.json").read_text())["runs"][0]
+    second = json.loads((killed / "results.json").read_text())["runs"][0]
+    assert second["resumed_from_epoch"] in (2, 3) and first["resumed_from_epoch"] is None
+    assert second["groups"] == first["groups"]  # test accuracy and loss
+    assert second.get("ranks") == first.get("ranks")  # weight checksums
+    assert second["steps"] == STEPS
+    # Finished runs leave no backups behind: a rerun starts afresh.
+    left = [str(path) for path in (killed / arm).glob("backup/**/epoch-*")]
+    assert not left, left
+    steps = [json.loads(line)["step"] for line in open(killed / arm / _steps_name(processes))]
+    assert steps == list(range(1, STEPS + 1))
+    return first
+
+
+def _steps_name(processes):
+    return "steps.jsonl" if processes == 1 else "steps.rank0.jsonl"
+
+
+def test_local_prediction_exchange_resumes_exactly(tmp_path, data_dir, mnist1d_spec):
+    run = _kill_and_resume(tmp_path, data_dir, 1, [*CODISTILL, "--data_mode=independent"], "codistill", 0)
+    assert run["exchange"] == "local"
+
+
+def test_local_stale_weights_resume_exactly(tmp_path, data_dir, mnist1d_spec):
+    extra = [*CODISTILL, "--exchange=weights", "--exchange_every=25"]
+    run = _kill_and_resume(tmp_path, data_dir, 1, extra, "codistill", 0)
+    assert run["exchange"] == "weights/local"
+
+
+@pytest.mark.parametrize(
+    "name, extra, arm",
+    [
+        ("sync 1 x 2 (MWMS)", ["--mode=sync"], "sync"),
+        ("predictions 2 x 1", [*CODISTILL, "--num_groups=2"], "codistill"),
+        (
+            "stale weights 2 x 1",
+            [*CODISTILL, "--exchange=weights", "--exchange_every=25"],
+            "codistill",
+        ),
+    ],
+)
+def test_horovod_jobs_resume_exactly(name, extra, arm, tmp_path, data_dir, mnist1d_spec, horovod_installed):
+    run = _kill_and_resume(tmp_path, data_dir, 2, extra, arm, victim=1)
+    assert run["world_size"] == 2
