@@ -1,0 +1,191 @@
+"""Backup: whole backups only, checksums, pruning, and a resume equal to an
+uninterrupted fit (in one process; tests/test_resume.py kills real jobs)."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import build_model
+from tf_codistill import AlphaSchedule, Backup, BackupError, CodistillModel
+from tf_codistill import backup as backup_mod
+from tf_codistill.exchange import StaleWeightsExchange
+
+INPUT, CLASSES, STEPS = (12,), 5, 5
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, *INPUT)).astype("float32")
+    y = rng.integers(0, CLASSES, size=200)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(20).repeat()
+
+
+def _model(exchange=None):
+    members = [build_model("mlp", INPUT, CLASSES, seed=i) for i in range(2)]
+    model = CodistillModel(
+        members, alpha=AlphaSchedule(1.0, burn_in_steps=3, ramp_steps=6), exchange=exchange
+    )
+    lr = keras.optimizers.schedules.PiecewiseConstantDecay([7, 12], [0.2, 0.1, 0.05])
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), metrics=["accuracy"])
+    return model
+
+
+def _weights(model):
+    return [v.numpy() for v in model.weights] + [v.numpy() for v in model.optimizer.variables]
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path, capsys):
+    straight = _model()
+    full = straight.fit(_data(), epochs=4, steps_per_epoch=STEPS, verbose=0).history
+
+    directory = str(tmp_path / "backup")
+    first = _model()
+    first.fit(
+        _data(),
+        epochs=2,
+        steps_per_epoch=STEPS,
+        verbose=0,
+        callbacks=[Backup(directory, delete_on_finish=False)],
+    )
+    assert backup_mod.list_backups(directory) == [2, 1]
+
+    resumed = _model()  # fresh weights and optimizer: everything comes from the backup
+    backup = Backup(directory, delete_on_finish=False)
+    assert backup.resume_epoch() == 2
+    resumed.fit(_data().skip(2 * STEPS), epochs=4, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    assert backup.restored_epoch == 2 and backup.restored_step == 2 * STEPS
+    assert "[backup] resumed from epoch 2 (step 10)" in capsys.readouterr().out
+    for a, b in zip(_weights(resumed), _weights(straight)):
+        np.testing.assert_array_equal(a, b)
+    assert int(resumed.optimizer.iterations.numpy()) == 4 * STEPS
+    # backup.history holds every epoch, the restored ones included, as History would.
+    assert backup.history.keys() == full.keys()
+    for key in full:
+        np.testing.assert_allclose(backup.history[key], full[key], rtol=1e-6)
+    assert backup_mod.list_backups(directory) == [4, 3]  # keep=2
+
+
+def test_partial_and_corrupt_backups_are_never_loaded(tmp_path, capsys):
+    directory = str(tmp_path / "backup")
+    model = _model()
+    model.fit(
+        _data(),
+        epochs=2,
+        steps_per_epoch=STEPS,
+        verbose=0,
+        callbacks=[Backup(directory, delete_on_finish=False)],
+    )
+    # A kill mid-write leaves a temporary folder; a later one never renamed.
+    os.makedirs(os.path.join(directory, ".tmp-000003-999"))
+    with open(os.path.join(directory, ".tmp-000003-999", backup_mod.WEIGHTS), "wb") as f:
+        f.write(b"half")
+    # Bit rot in the newest backup.
+    path = os.path.join(directory, "epoch-000002", backup_mod.WEIGHTS)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x00\x01\x02\x03")
+    assert backup_mod.verify(directory, 2) and backup_mod.verify(directory, 1) is None
+
+    backup = Backup(directory, delete_on_finish=False)
+    assert backup.resume_epoch() == 1
+    out = capsys.readouterr().out
+    assert "skipping the backup of epoch 2" in out and "checksum" in out
+    assert not any(n.startswith(".tmp-") for n in os.listdir(directory))  # cleaned up
+    fresh = _model()
+    fresh.fit(_data(), epochs=1, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    assert backup.restored_epoch == 1 and int(fresh.optimizer.iterations.numpy()) == STEPS
+
+
+def test_agreement_picks_the_epoch_every_process_holds(tmp_path):
+    directory = str(tmp_path / "backup")
+    _model().fit(
+        _data(),
+        epochs=3,
+        steps_per_epoch=STEPS,
+        verbose=0,
+        callbacks=[Backup(directory, keep=3, delete_on_finish=False)],
+    )
+    seen = []
+
+    def agree(epochs):  # as if another process held only epochs 1 and 2
+        seen.append(list(epochs))
+        common = set(epochs) & {1, 2}
+        return max(common) if common else None
+
+    backup = Backup(directory, agree=agree, delete_on_finish=False)
+    model = _model()
+    model.fit(_data(), epochs=2, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    assert seen == [[3, 2, 1]] and backup.restored_epoch == 2
+    # Nothing in common: start afresh, with a message.
+    afresh = Backup(directory, agree=lambda epochs: None, delete_on_finish=False)
+    assert afresh.resume_epoch() is None
+
+
+def test_stale_weights_peer_copies_are_part_of_the_backup(tmp_path):
+    directory = str(tmp_path / "backup")
+    model = _model(StaleWeightsExchange(every=4))
+    model.fit(
+        _data(),
+        epochs=2,
+        steps_per_epoch=STEPS,
+        verbose=0,
+        callbacks=[Backup(directory, delete_on_finish=False)],
+    )
+    meta = backup_mod.read_meta(directory, 2)
+    assert meta["exchange_sha256"] and meta["step"] == 2 * STEPS
+    copies = {g: [w.copy() for w in c.get_weights()] for g, c in model.exchange.copies.items()}
+
+    resumed = _model(StaleWeightsExchange(every=4))
+    backup = Backup(directory, delete_on_finish=False)
+    backup.set_model(resumed)
+    resumed.optimizer.build(resumed.trainable_variables)
+    backup.on_train_begin()
+    for g, weights in copies.items():
+        for a, b in zip(resumed.exchange.copies[g].get_weights(), weights):
+            np.testing.assert_array_equal(a, b)
+    assert resumed.exchange._snapshot_step == model.exchange._snapshot_step == {0: 8, 1: 8}
+
+
+def test_write_failures_are_clear_and_leave_earlier_backups_whole(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(BackupError, match="not writable"):
+        Backup(str(not_a_dir / "backup")).check_writable()
+    with pytest.raises(ValueError, match="keep must be an integer >= 1"):
+        Backup(str(tmp_path), keep=0)
+
+    directory = str(tmp_path / "backup")
+    model = _model()
+    backup = Backup(directory, delete_on_finish=False)
+    model.fit(_data(), epochs=1, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    model.save_weights = full_disk
+    with pytest.raises(BackupError, match=r"No space left on device.*backup of epoch 1 is intact"):
+        backup.save(2)
+    assert backup_mod.list_backups(directory) == [1] and backup_mod.verify(directory, 1) is None
+    assert not any(n.startswith(".tmp-") for n in os.listdir(directory))
+
+
+def test_a_backup_of_another_model_is_refused(tmp_path):
+    directory = str(tmp_path / "backup")
+    _model().fit(
+        _data(),
+        epochs=1,
+        steps_per_epoch=STEPS,
+        verbose=0,
+        callbacks=[Backup(directory, delete_on_finish=False)],
+    )
+    other = CodistillModel([build_model("cnn1d", (40, 1), CLASSES, seed=i) for i in range(2)])
+    other.compile(optimizer=keras.optimizers.SGD(0.1))
+    backup = Backup(directory, delete_on_finish=False)
+    backup.set_model(other)
+    with pytest.raises(BackupError, match="does not fit this model"):
+        backup.on_train_begin()
+    assert json.loads(open(os.path.join(directory, "epoch-000001", backup_mod.META)).read())["epoch"] == 1
