@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import math
 import numbers
@@ -1046,6 +1047,24 @@ def _merge_ranks(entry: dict, runtime: Runtime) -> dict:
     return merged
 
 
+def _no_space(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is a full disk, from Python or TensorFlow."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -1064,6 +1083,16 @@ def main(argv):
         sys.exit(3)
     except BackupError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(4)
+    except Exception as err:
+        if not _no_space(err):
+            raise
+        print(
+            f"train.py: error: no space left on device while writing under {os.path.abspath(workdir)} "
+            f"({_first_line(err)}). Backups are written whole or not at all: free space, then run the "
+            "same command to resume from the newest one.",
+            file=sys.stderr,
+        )
         sys.exit(4)
     print(
         f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "

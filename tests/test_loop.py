@@ -114,6 +114,24 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, capsys):
     _assert_same(_weights(again), _weights(straight), atol=0)
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    init = _initial_weights(seed=4)
+    ckpt = str(tmp_path / "ckpt")
+    CodistillLoop(_model(init), checkpoint_dir=ckpt, checkpoint_every=4).train(_dataset(), 8)
+    data = [n for n in os.listdir(ckpt) if n.startswith("ckpt-8.data")]
+    assert data, os.listdir(ckpt)
+    with open(os.path.join(ckpt, data[0]), "r+b") as f:  # flip bytes in the middle of the tensors
+        f.seek(os.path.getsize(f.name) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    capsys.readouterr()
+    loop = CodistillLoop(_model(init), checkpoint_dir=ckpt)
+    assert loop.restore() == 4
+    out = capsys.readouterr().out
+    assert "WARNING: skipping checkpoint" in out and "ckpt-8" in out and "at step 4" in out
+
+
 def test_uncompiled_model_is_rejected():
     model = CodistillModel([build_model("mlp", INPUT, CLASSES, seed=i) for i in range(2)])
     with pytest.raises(ValueError, match=r"not compiled.*model\.compile\(optimizer="):

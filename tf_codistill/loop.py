@@ -214,10 +214,25 @@ class CodistillLoop:
         """
         manager = self._checkpoint_manager()
         self._restored = True
-        if manager is not None and manager.latest_checkpoint:
-            self._checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if manager is None:
+            return self.step
+        # Newest first; TensorFlow's checksums catch a corrupt data file, and
+        # the manager's state file only names checkpoints that were finished.
+        for path in reversed(manager.checkpoints):
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"WARNING: skipping checkpoint {path}: {first[:200]}", flush=True)
+                continue
             if self.is_chief:
-                print(f"restored {manager.latest_checkpoint} at step {self.step}", flush=True)
+                print(f"restored {path} at step {self.step}", flush=True)
+            return self.step
+        if manager.checkpoints:
+            raise RuntimeError(
+                f"no checkpoint in {self.checkpoint_dir} could be restored (all corrupt); move the "
+                "directory away to start afresh."
+            )
         return self.step
 
     def save(self, step: int | None = None) -> str | None:
