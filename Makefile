@@ -7,11 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: demo test horovod lint format bench study bazel-test clean help
+.PHONY: demo test faults horovod lint format bench study bazel-test clean help
 
 help:
 	@echo "make demo   - train sync and codistillation on MNIST-1D side by side ($(WORKDIR))"
-	@echo "make test   - run the whole test suite"
+	@echo "make test   - run the whole test suite (the slow fault-injection cases excepted)"
+	@echo "make faults - the fault-injection suite, slow cases included -> runs/faults/report.md"
 	@echo "make bench  - benchmarks (not part of the tests)"
 	@echo "make study  - every study in experiments/ (3 seeds each) -> docs/results/REPORT.md"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
@@ -34,7 +35,11 @@ horovod: $(STAMP)
 
 test: $(STAMP) horovod
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not slow"
+
+# Kill, stop, fill the disk, corrupt checkpoints (tests/faults/EXPECTED.md); mounting a tmpfs needs root.
+faults: $(STAMP) horovod
+	$(PY) -m pytest -q tests/faults
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,659 @@
+"""Fault injection into real training processes: kill a worker or a group, stop
+one past its timeout, fill the disk, corrupt a checkpoint.
+
+The expected outcome of every case is written down in EXPECTED.md (before
+these tests were). Each case measures how long the job took to notice and
+checks that nothing written before the fault was lost; its row goes to the
+report printed at the end of the session (and to runs/faults/report.md).
+Every wait is bounded, and every process a case started is continued
+(SIGCONT) and killed when the case ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, python_env, worker_env
+
+from tf_codistill import backup as backup_mod
+
+BASE = ["--dataset=mnist1d", "--model=cnn1d", "--batch_size=64", "--verbose=0", "--warmup_epochs=0.1"]
+POLL_S = 0.1
+
+
+# ------------------------------------------------------------------ helpers
+class Job:
+    """A process started in its own session, output to a log file."""
+
+    def __init__(self, cmd, log: Path, env=None, marker: str | None = None):
+        self.log = log
+        self.marker = marker  # a string in the command line of every process of this job
+        self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=REPO,
+            env=env or python_env(),
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, predicate, timeout: float, what: str) -> float:
+        """Waits until predicate() holds; returns the time it held (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the job ended (status {self.proc.returncode}) while waiting for {what}:\n"
+                    + self.text()[-3000:]
+                )
+            assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+            time.sleep(POLL_S)
+        return time.monotonic()
+
+    def wait_for_line(self, needle: str, timeout: float) -> float:
+        return self.wait_for(lambda: needle in self.text(), timeout, repr(needle))
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status, or None when it did not exit within timeout."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def pids(self) -> list[int]:
+        """This job's processes: the one started and every process whose
+        command line carries the marker (horovodrun's workers)."""
+        pids = [self.proc.pid]
+        if self.marker:
+            for name in os.listdir("/proc"):
+                if name.isdigit() and int(name) != self.proc.pid and self.marker in _cmdline(int(name)):
+                    pids.append(int(name))
+        return pids
+
+    def stop(self) -> None:
+        for pid in self.pids():
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.wait(30)
+        self._file.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def pid_of_rank(rank: int, marker: str) -> int:
+    """The train.py process of Horovod rank `rank` in the job marked by `marker`."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        cmdline = _cmdline(int(name))
+        if marker not in cmdline or "train.py" not in cmdline or "tf_codistill.launch" in cmdline:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if f"HOROVOD_RANK={rank}" in environ and "python" in os.path.basename(cmdline.split(" ")[0]):
+            return int(name)
+    raise AssertionError(f"no process of rank {rank} found")
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def has_backup(directory: Path, epoch: int):
+    return lambda: (directory / f"epoch-{epoch:06d}" / backup_mod.META).is_file()
+
+
+def check_backups(directory: Path) -> list[int]:
+    """Every complete backup in `directory` verifies; returns their epochs."""
+    epochs = backup_mod.list_backups(str(directory))
+    for epoch in epochs:
+        problem = backup_mod.verify(str(directory), epoch)
+        assert problem is None, f"backup of epoch {epoch} in {directory}: {problem}"
+    return epochs
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Inverts `count` bytes in the middle of the file (the size stays)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, min(middle + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def csv_rows(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def assert_prefix(before: list[str], after: list[str], rows: int, what: str) -> None:
+    """The first `rows` lines (header included) written before the fault are still there."""
+    assert after[:rows] == before[:rows], f"{what}: rows written before the fault changed or went missing"
+
+
+def launch_cmd(np_, groups, workdir, *args, timeout=300, collective_timeout=20):
+    return [
+        sys.executable,
+        "-m",
+        "tf_codistill.launch",
+        "--np",
+        np_,
+        "--groups",
+        groups,
+        "--timeout",
+        timeout,
+        "--collective_timeout",
+        collective_timeout,
+        "--",
+        "train.py",
+        *BASE,
+        f"--workdir={workdir}",
+        *args,
+    ]
+
+
+def results(workdir: Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())["runs"][0]
+
+
+# ------------------------------------------------------------- 4. full disk
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs, unmounted at the end (skips when it cannot be mounted)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "disk"
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file into `directory` until the filesystem has no space left."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        for size in (1 << 20, 1 << 12, 1):
+            block = b"\0" * size
+            try:
+                while f.write(block):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+def test_disk_full(tmpfs, data_dir, mnist1d_spec, fault_report):
+    workdir = tmpfs / "run"
+    backups = workdir / "sync" / "backup"
+    cmd = [sys.executable, "train.py", *BASE, "--mode=sync", "--epochs=6", f"--data_dir={data_dir}"]
+    cmd.append(f"--workdir={workdir}")
+    job = Job(cmd, tmpfs.parent / "run.log")
+    try:
+        job.wait_for(has_backup(backups, 1), 120, "the backup of epoch 1")
+        filler = fill(tmpfs)
+        full_at = time.monotonic()
+        newest = backup_mod.list_backups(str(backups))[0]
+        rows_before = csv_rows(workdir / "sync" / "history.csv")
+        status = job.wait(60)
+        detected = time.monotonic() - full_at
+    finally:
+        job.stop()
+    out = job.text()
+    assert status is not None, "the job did not end within 60 s of the disk filling up"
+    errors = [line for line in out.splitlines() if line.startswith("train.py: error:")]
+    lines = [line for line in out.splitlines() if line.strip()]
+    fault_report(
+        "disk-full",
+        f"exit {status}: {errors[0].split(' while ')[0] if errors else lines[-1][:90]}",
+        detected,
+        "no" if backup_mod.verify(str(backups), newest) is None else "YES",
+        f"backup of epoch {newest} kept",
+    )
+    assert status == 4, f"expected exit status 4, got {status}:\n{out[-3000:]}"
+    assert len(errors) == 1 and "no space left on device" in errors[0].lower(), out[-3000:]
+    # says the backups survived: BackupError's "the backup of epoch N is intact", or the general
+    # no-space line's "Backups are written whole or not at all"
+    assert "intact" in errors[0] or "whole or not at all" in errors[0], errors[0]
+    assert lines[-1].startswith("train.py: error:"), out[-3000:]
+    assert detected < 15, detected
+    assert backup_mod.verify(str(backups), newest) is None
+    check_backups(backups)
+
+    filler.unlink()
+    rerun = Job(cmd, tmpfs.parent / "rerun.log")
+    try:
+        status = rerun.wait(180)
+    finally:
+        rerun.stop()
+    assert status == 0, rerun.text()[-3000:]
+    assert "[backup] resumed from epoch" in rerun.text()
+    assert results(workdir)["resumed_from_epoch"] >= newest
+    assert_prefix(rows_before, csv_rows(workdir / "sync" / "history.csv"), newest + 1, "history.csv")
+
+
+# ----------------------------------------------------- 5. corrupt a backup
+def test_corrupt_backup_and_leftover_temporary(tmp_path, data_dir, mnist1d_spec, fault_report):
+    workdir = tmp_path / "run"
+    backups = workdir / "sync" / "backup"
+    cmd = [sys.executable, "train.py", *BASE, "--mode=sync", "--epochs=8", f"--data_dir={data_dir}"]
+    cmd.append(f"--workdir={workdir}")
+    job = Job(cmd, tmp_path / "run.log")
+    try:
+        job.wait_for(has_backup(backups, 3), 120, "the backup of epoch 3")
+        job.proc.kill()
+        job.wait(30)
+    finally:
+        job.stop()
+    epochs = check_backups(backups)
+    newest = epochs[0]
+    assert newest - 1 in epochs, epochs
+    rows_before = csv_rows(workdir / "sync" / "history.csv")
+    flip_bytes(backups / f"epoch-{newest:06d}" / backup_mod.WEIGHTS)
+    leftover = backups / f".tmp-{newest + 1:06d}-99999"
+    leftover.mkdir()
+    weights = (backups / f"epoch-{newest - 1:06d}" / backup_mod.WEIGHTS).read_bytes()
+    (leftover / backup_mod.WEIGHTS).write_bytes(weights[: len(weights) // 2])
+
+    rerun = Job(cmd, tmp_path / "rerun.log")
+    try:
+        warned = rerun.wait_for_line(f"skipping the backup of epoch {newest}", 120) - rerun.started
+        resumed = rerun.wait_for_line("[backup] resumed from epoch", 60)
+        leftover_gone_at_resume = not leftover.exists()
+        resumed -= rerun.started
+        status = rerun.wait(180)
+    finally:
+        rerun.stop()
+    out = rerun.text()
+    ok = status == 0 and f"[backup] resumed from epoch {newest - 1} " in out
+    fault_report(
+        "corrupt-backup",
+        f"warned, resumed from epoch {newest - 1}, exit {status}" if ok else f"exit {status}",
+        warned,
+        "no (epoch redone)",
+        "at start-up (from process start)",
+    )
+    fault_report(
+        "leftover-tmp",
+        "removed before resuming" if leftover_gone_at_resume else "still there at resume",
+        resumed,
+        "no",
+        "at start-up (from process start)",
+    )
+    assert status == 0, out[-3000:]
+    assert "does not match its checksum" in out, out[-3000:]
+    assert f"[backup] resumed from epoch {newest - 1} " in out, out[-3000:]
+    assert leftover_gone_at_resume
+    assert results(workdir)["resumed_from_epoch"] == newest - 1
+    # header + the rows of the epochs before the restored one
+    assert_prefix(rows_before, csv_rows(workdir / "sync" / "history.csv"), newest, "history.csv")
+
+
+LOOP_SCRIPT = r"""
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+from models import build_model
+from tf_codistill import CodistillModel
+from tf_codistill.loop import CodistillLoop
+
+checkpoint_dir, steps = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 12)).astype("float32")
+y = rng.integers(0, 5, size=64)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+model = CodistillModel([build_model("mlp", (12,), 5, seed=g) for g in range(2)], alpha=0.5)
+model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+loop = CodistillLoop(model, checkpoint_dir=checkpoint_dir, checkpoint_every=5)
+loop.train(ds, steps=steps)
+print(f"finished at step {loop.step}", flush=True)
+"""
+
+
+def test_corrupt_loop_checkpoint(tmp_path, fault_report):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP_SCRIPT)
+    ckpt = tmp_path / "ckpt"
+    first = subprocess.run(
+        [sys.executable, str(script), str(ckpt), "15"],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    data = sorted(ckpt.glob("ckpt-15.data-*"))
+    assert data, sorted(os.listdir(ckpt))
+    kept = {p.name: p.read_bytes() for p in ckpt.glob("ckpt-10.*")}
+    flip_bytes(data[0])
+
+    def warnings():
+        return [
+            line
+            for line in rerun.text().splitlines()
+            if "ckpt-15" in line
+            and not line.startswith("WARNING:tensorflow:")  # TensorFlow's own notes on partial restores
+            and not line.startswith(("tensorflow.", "Traceback"))  # an uncaught error
+            and any(w in line.lower() for w in ("warn", "skip", "corrupt", "unreadable"))
+        ]
+
+    rerun = Job([sys.executable, script, ckpt, "20"], tmp_path / "rerun.log")
+    warned = None
+    try:
+        deadline = time.monotonic() + 180
+        while warned is None and rerun.proc.poll() is None and time.monotonic() < deadline:
+            if warnings():
+                warned = time.monotonic() - rerun.started
+            time.sleep(POLL_S)
+        status = rerun.wait(180)
+    finally:
+        rerun.stop()
+    out = rerun.text()
+    fallback = status == 0 and "ckpt-10 at step 10" in out and "finished at step 20" in out
+    last = [line for line in out.splitlines() if line.strip()][-1:] or [""]
+    fault_report(
+        "corrupt-loop-checkpoint",
+        "warned, restored ckpt-10, trained to 20"
+        if fallback and warnings()
+        else f"exit {status}: {last[0][:90]}",
+        warned,
+        "no" if {p.name: p.read_bytes() for p in ckpt.glob("ckpt-10.*")} == kept else "YES",
+        "at start-up (from process start)",
+    )
+    assert status == 0, out[-3000:]
+    assert warnings(), out[-3000:]
+    assert "ckpt-10 at step 10" in out and "finished at step 20" in out, out[-3000:]
+
+
+# ------------------------------------------------ 2/3. groups in a directory
+def _group_cmd(group, tmp_path, data_dir, epochs):
+    return [
+        sys.executable,
+        "train.py",
+        *BASE,
+        "--mode=codistill",
+        "--exchange=weights",
+        f"--exchange_dir={tmp_path / 'exchange'}",
+        f"--group={group}",
+        "--num_groups=2",
+        f"--epochs={epochs}",
+        "--exchange_every=10",
+        "--peer_timeout=4",
+        f"--data_dir={data_dir}",
+        f"--workdir={tmp_path / f'g{group}'}",
+    ]
+
+
+def _start_groups(tmp_path, data_dir, epochs0, epochs1):
+    g0 = Job(_group_cmd(0, tmp_path, data_dir, epochs0), tmp_path / "g0.log", env=worker_env())
+    g1 = Job(_group_cmd(1, tmp_path, data_dir, epochs1), tmp_path / "g1.log", env=worker_env())
+    return g0, g1
+
+
+def _wait_until_exchanging(g0, g1, tmp_path):
+    """Both groups train and group 1 has epochs of backups and published snapshots."""
+    g0.wait_for(has_backup(tmp_path / "g0" / "codistill" / "backup" / "group0", 1), 180, "group 0's epoch 1")
+    g1.wait_for(has_backup(tmp_path / "g1" / "codistill" / "backup" / "group1", 2), 180, "group 1's epoch 2")
+    g0.wait_for(lambda: any((tmp_path / "exchange" / "group1").glob("step*.npz")), 30, "group 1's snapshot")
+
+
+STALE = "WARNING: peer group 1 is stale"
+
+
+def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_report):
+    g0, g1 = _start_groups(tmp_path, data_dir, 40, 12)
+    stopped = False
+    try:
+        _wait_until_exchanging(g0, g1, tmp_path)
+        g1.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        stopped = True
+        stale = g0.wait_for_line(STALE, 60) - stopped_at
+        g1.proc.send_signal(signal.SIGCONT)
+        continued_at = time.monotonic()
+        stopped = False
+        back = g0.wait_for_line("peer group 1 is back", 60) - continued_at
+        status0, status1 = g0.wait(240), g1.wait(240)
+    finally:
+        if stopped:
+            g1.proc.send_signal(signal.SIGCONT)
+        g0.stop()
+        g1.stop()
+    out0, out1 = g0.text(), g1.text()
+    fault_report(
+        "sigstop-group-directory",
+        f"group 0 warned stale, went on; back {back:.1f} s after SIGCONT; exits {status0}/{status1}",
+        stale,
+        "no",
+        "--peer_timeout=4",
+    )
+    assert status0 == 0, out0[-3000:]
+    assert status1 == 0, out1[-3000:]
+    assert out0.count(STALE) == 1
+    assert 4 <= stale <= 14, stale
+    for g in (0, 1):
+        assert results(tmp_path / f"g{g}")["groups"][0]["group"] == g
+
+
+@pytest.mark.slow
+def test_kill_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_report):
+    g0, g1 = _start_groups(tmp_path, data_dir, 40, 40)
+    g1_backups = tmp_path / "g1" / "codistill" / "backup" / "group1"
+    try:
+        _wait_until_exchanging(g0, g1, tmp_path)
+        g1.proc.kill()
+        killed_at = time.monotonic()
+        g1.wait(30)
+        rows_before = csv_rows(tmp_path / "g1" / "codistill" / "history.csv")
+        stale = g0.wait_for_line(STALE, 60) - killed_at
+        status0 = g0.wait(240)
+    finally:
+        g0.stop()
+        g1.stop()
+    epochs = check_backups(g1_backups)
+    fault_report(
+        "kill-group-directory",
+        f"group 0 warned stale, went on, exit {status0}",
+        stale,
+        "no",
+        f"--peer_timeout=4; group 1 keeps backups {sorted(epochs)}",
+    )
+    assert status0 == 0, g0.text()[-3000:]
+    assert g0.text().count(STALE) == 1
+    assert 4 <= stale <= 14, stale
+    assert results(tmp_path / "g0")["groups"][0]["group"] == 0
+    assert epochs and len(rows_before) >= 2
+    assert csv_rows(tmp_path / "g1" / "codistill" / "history.csv") == rows_before
+
+
+# ------------------------------------------------------ 1/2/3. Horovod jobs
+def _rank_dirs(workdir: Path, arm: str, ranks) -> dict[int, Path]:
+    return {r: workdir / arm / "backup" / f"rank{r}" for r in ranks}
+
+
+def _wait_all(job, dirs, epoch, timeout):
+    job.wait_for(lambda: all(has_backup(d, epoch)() for d in dirs.values()), timeout, f"epoch {epoch} on all")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+def test_kill_worker_then_corrupt_its_newest_backup(tmp_path, data_dir, mnist1d_spec, fault_report):
+    workdir = tmp_path / "run"
+    cmd = launch_cmd(2, 2, workdir, "--mode=codistill", "--exchange=horovod", "--epochs=8")
+    cmd.append(f"--data_dir={data_dir}")
+    dirs = _rank_dirs(workdir, "codistill", (0, 1))
+    job = Job(cmd, tmp_path / "run.log", env=worker_env(), marker=str(workdir))
+    try:
+        _wait_all(job, dirs, 2, 240)
+        os.kill(pid_of_rank(1, str(workdir)), signal.SIGKILL)
+        killed_at = time.monotonic()
+        rows_before = {r: csv_rows(workdir / "codistill" / f"history.rank{r}.csv") for r in dirs}
+        status = job.wait(90)
+        detected = time.monotonic() - killed_at
+    finally:
+        job.stop()
+    out = job.text()
+    epochs = {r: check_backups(d) for r, d in dirs.items()}
+    fault_report(
+        "kill-worker",
+        f"launcher exit {status}; "
+        + ("names rank 1" if "rank 1 failed first" in out else "rank 1 NOT named"),
+        detected,
+        "no",
+        f"backups {epochs}",
+    )
+    assert status not in (0, None), out[-3000:]
+    assert "rank 1 failed first" in out or "Process 1 exit with status code" in out, out[-3000:]
+    assert detected < 30, detected
+
+    # 5c: rank 1's newest backup is corrupt; every rank goes back to the newest common intact one.
+    newest1 = epochs[1][0]
+    flip_bytes(dirs[1] / f"epoch-{newest1:06d}" / backup_mod.WEIGHTS)
+    common = max(set(epochs[0]) & (set(epochs[1]) - {newest1}))
+    rerun = Job(cmd, tmp_path / "rerun.log", env=worker_env(), marker=str(workdir))
+    try:
+        warned = rerun.wait_for_line(f"skipping the backup of epoch {newest1}", 180) - rerun.started
+        status = rerun.wait(300)
+    finally:
+        rerun.stop()
+    out = rerun.text()
+    resumed = out.count(f"[backup] resumed from epoch {common} ")
+    fault_report(
+        "corrupt-backup-rank",
+        f"rank 1 warned; {resumed} ranks resumed from epoch {common} (newest {newest1}); exit {status}",
+        warned,
+        "no (epoch redone)",
+        "at start-up (from launch)",
+    )
+    assert status == 0, out[-3000:]
+    assert resumed == 2, out[-3000:]
+    assert results(workdir)["resumed_from_epoch"] == common
+    for r in dirs:
+        assert_prefix(
+            rows_before[r], csv_rows(workdir / "codistill" / f"history.rank{r}.csv"), common + 1, f"rank {r}"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+def test_kill_a_whole_group_of_a_horovod_job(tmp_path, data_dir, mnist1d_spec, fault_report):
+    workdir = tmp_path / "run"
+    cmd = launch_cmd(4, 2, workdir, "--mode=codistill", "--exchange=horovod", "--epochs=6")
+    cmd.append(f"--data_dir={data_dir}")
+    dirs = _rank_dirs(workdir, "codistill", range(4))
+    job = Job(cmd, tmp_path / "run.log", env=worker_env(), marker=str(workdir))
+    try:
+        _wait_all(job, dirs, 1, 300)
+        victims = [pid_of_rank(r, str(workdir)) for r in (2, 3)]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        status = job.wait(90)
+        detected = time.monotonic() - killed_at
+    finally:
+        job.stop()
+    out = job.text()
+    epochs = {r: check_backups(d) for r, d in dirs.items()}
+    named = [r for r in (2, 3) if f"rank {r} failed first" in out]
+    fault_report(
+        "kill-group-horovod",
+        f"launcher exit {status}; names rank {named[0] if named else '?'}",
+        detected,
+        "no",
+        "2 x 2 workers, ranks 2+3 killed",
+    )
+    assert status not in (0, None), out[-3000:]
+    assert named, out[-3000:]
+    assert detected < 30, detected
+    assert all(epochs.values()), epochs
+
+
+def _sigstop_rank(tmp_path, data_dir, fault_report, case, np_, groups, args, bound, says):
+    workdir = tmp_path / "run"
+    cmd = launch_cmd(np_, groups, workdir, *args, timeout=240, collective_timeout=15)
+    cmd.append(f"--data_dir={data_dir}")
+    arm = "sync" if "--mode=sync" in args else "codistill"
+    dirs = _rank_dirs(workdir, arm, range(np_))
+    job = Job(cmd, tmp_path / "run.log", env=worker_env(), marker=str(workdir))
+    victim = None
+    try:
+        _wait_all(job, dirs, 1, 240)
+        victim = pid_of_rank(1, str(workdir))
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        status = job.wait(260)
+        detected = time.monotonic() - stopped_at
+    finally:
+        if victim is not None:
+            signal_pid(victim, signal.SIGCONT)
+            signal_pid(victim, signal.SIGKILL)
+        job.stop()
+    out = job.text()
+    epochs = {r: check_backups(d) for r, d in dirs.items()}
+    first = [line for line in out.splitlines() if "failed first" in line or "timed out after" in line]
+    fault_report(
+        case,
+        f"exit {status}: {first[0][:100] if first else 'no launcher line'}",
+        detected,
+        "no",
+        "--collective_timeout=15",
+    )
+    assert status is not None, out[-3000:]
+    assert status != 124, f"only the launcher's --timeout ended the job:\n{out[-3000:]}"
+    assert status != 0, out[-3000:]
+    assert detected < bound, detected
+    assert says in out, f"no {says!r} in the output:\n{out[-3000:]}"
+    assert all(epochs.values()), epochs
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+def test_sigstop_a_rank_of_a_prediction_exchange(tmp_path, data_dir, mnist1d_spec, fault_report):
+    args = ["--mode=codistill", "--exchange=horovod", "--epochs=10"]
+    # Rank 0's Horovod background loop: Gloo "Timed out waiting ..." after --collective_timeout.
+    _sigstop_rank(tmp_path, data_dir, fault_report, "sigstop-horovod-rank", 2, 2, args, 45, "Timed out")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+def test_sigstop_a_worker_of_a_sync_mwms_group(tmp_path, data_dir, mnist1d_spec, fault_report):
+    args = ["--mode=sync", "--epochs=10"]
+    # TensorFlow's coordination service: task 1 "stopped sending heartbeats".
+    _sigstop_rank(
+        tmp_path, data_dir, fault_report, "sigstop-mwms-worker", 2, 1, args, 120, "stopped sending heartbeats"
+    )
