@@ -1064,6 +1064,46 @@ def _no_space(err: BaseException) -> bool:
     return False
 
 
+# What a failed collective says when another process of the job is gone or
+# stopped: Horovod/Gloo timeouts and shutdowns, TensorFlow's coordination
+# service and collective executor.
+_PEER_LOST = (
+    "Timed out waiting",
+    "stopped sending heartbeats",
+    "Horovod has been shut down",
+    "is unhealthy",
+    "Connection reset by peer",
+    "Connection closed by peer",
+)
+
+
+def _peer_lost(err: BaseException) -> str | None:
+    """The line of `err` (or what caused it) that says a peer is gone, else None."""
+    seen = 0
+    while err is not None and seen < 10:
+        for line in str(err).splitlines():
+            if any(marker in line for marker in _PEER_LOST):
+                return line.strip()[:300]
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _kept_backups(workdir: str) -> str:
+    """Which backups under `workdir` are whole, in words."""
+    kept = []
+    for arm in ("sync", "codistill"):
+        root = os.path.join(workdir, arm, "backup")
+        if not os.path.isdir(root):
+            continue
+        folders = [root] + [os.path.join(root, n) for n in sorted(os.listdir(root))]
+        for folder in folders:
+            epochs = [e for e in backup_mod.list_backups(folder) if backup_mod.verify(folder, e) is None]
+            if epochs:
+                kept.append(f"{os.path.relpath(folder, workdir)} epoch {epochs[0]}")
+    return "the newest intact: " + ", ".join(kept) if kept else "none had been written yet"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
@@ -1089,15 +1129,25 @@ def main(argv):
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(4)
     except Exception as err:
-        if not _no_space(err):
+        if _no_space(err):
+            print(
+                f"train.py: error: no space left on device while writing under {os.path.abspath(workdir)} "
+                f"({_first_line(err)}). Backups are written whole or not at all; {_kept_backups(workdir)}. "
+                "Free space, then run the same command to resume.",
+                file=sys.stderr,
+            )
+            sys.exit(4)
+        lost = _peer_lost(err)
+        if lost is None:
             raise
         print(
-            f"train.py: error: no space left on device while writing under {os.path.abspath(workdir)} "
-            f"({_first_line(err)}). Backups are written whole or not at all: free space, then run the "
-            "same command to resume from the newest one.",
+            f"train.py: error: lost contact with another process of the job ({lost}). A peer died or "
+            f"stopped responding for --collective_timeout={config.collective_timeout:g} s (inside a "
+            "MultiWorkerMirroredStrategy group TensorFlow's heartbeat decides, about 25 s); its own output "
+            "says why. Run the same command again to resume from the last backup.",
             file=sys.stderr,
         )
-        sys.exit(4)
+        sys.exit(5)
     print(
         f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
         f"TensorBoard logs (tensorboard --logdir {workdir})"

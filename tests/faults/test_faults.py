@@ -245,9 +245,11 @@ def test_disk_full(tmpfs, data_dir, mnist1d_spec, fault_report):
     )
     assert status == 4, f"expected exit status 4, got {status}:\n{out[-3000:]}"
     assert len(errors) == 1 and "no space left on device" in errors[0].lower(), out[-3000:]
-    # says the backups survived: BackupError's "the backup of epoch N is intact", or the general
-    # no-space line's "Backups are written whole or not at all"
-    assert "intact" in errors[0] or "whole or not at all" in errors[0], errors[0]
+    # says which backup survived: BackupError's "the backup of epoch N is intact", or the general
+    # no-space line's "the newest intact: <arm>/backup epoch N"
+    assert f"backup of epoch {newest} is intact" in errors[0] or f"backup epoch {newest}" in errors[0], (
+        errors[0]
+    )
     assert lines[-1].startswith("train.py: error:"), out[-3000:]
     assert detected < 15, detected
     assert backup_mod.verify(str(backups), newest) is None
@@ -638,6 +640,8 @@ def _sigstop_rank(tmp_path, data_dir, fault_report, case, np_, groups, args, bou
     assert status != 0, out[-3000:]
     assert detected < bound, detected
     assert says in out, f"no {says!r} in the output:\n{out[-3000:]}"
+    # The survivor ends with one clear line (exit 5), not only a traceback.
+    assert "train.py: error: lost contact with another process of the job" in out, out[-3000:]
     assert all(epochs.values()), epochs
 
 
