@@ -358,11 +358,19 @@ class TrainConfig:
                     f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
                 )
 
+    def run_length(self, num_train: int) -> tuple[int, int, int]:
+        """(steps per epoch, updates per model, epochs) on `num_train`
+        examples; `--steps` is rounded up to whole epochs of
+        `num_train // batch_size` steps (fewer when the run is shorter)."""
+        steps_per_epoch = max(1, num_train // self.batch_size)
+        total = self.steps if self.steps > 0 else self.epochs * steps_per_epoch
+        epochs = max(1, -(-total // steps_per_epoch))
+        return min(steps_per_epoch, total), total, epochs
+
     def check_run_length(self, num_train: int) -> list[str]:
         """Checks the settings that depend on the run's length in steps (known
         once the training set's size is). Raises ValueError; returns warnings."""
-        steps_per_epoch = max(1, num_train // self.batch_size)
-        total = self.steps if self.steps > 0 else self.epochs * steps_per_epoch
+        steps_per_epoch, total, _ = self.run_length(num_train)
         if self.mode != "sync" and self.burn_in_steps >= total:
             raise ValueError(
                 f"--burn_in_steps={self.burn_in_steps} covers the whole run ({total} steps), so alpha "
@@ -672,10 +680,7 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
 
     runtime = runtime or Runtime()
     strategy = runtime.strategy or tf_default_strategy()
-    steps_per_epoch = max(1, spec.num_train // config.batch_size)
-    total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
-    epochs = max(1, -(-total_steps // steps_per_epoch))
-    steps_per_epoch = min(steps_per_epoch, total_steps)
+    steps_per_epoch, total_steps, epochs = config.run_length(spec.num_train)
     groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
     local_groups, make_exchange, data_seed = _exchange_plan(config, runtime, groups)
 
@@ -772,30 +777,9 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         )
     steps_run = epochs * steps_per_epoch
     world = runtime.world_size
-    if runtime.distributed or config.separate_group():
-        group_size = runtime.topology.group_size if runtime.distributed else 1
-        in_group = 2 * (group_size - 1) / group_size * num_params * 4
-        cross_group = (
-            exchange.bytes_sent_per_step(batch // group_size, spec.num_classes, num_params)
-            if exchange
-            else 0.0
-        )
-        sent = in_group + cross_group
-        equivalent = sent
-    elif exchange is not None:
-        in_group = cross_group = sent = 0.0
-        equivalent = exchange.bytes_sent_per_step(batch, spec.num_classes, num_params)
-    else:
-        in_group = cross_group = sent = 0.0
-        if groups > 1:
-            # An all-gather of every group's logits: each worker sends its own
-            # (batch x classes) block to each of the other groups.
-            equivalent = (groups - 1) * batch * spec.num_classes * 4
-        else:
-            # Ring all-reduce of the gradient over as many workers as the
-            # codistillation arm has groups.
-            workers = max(config.num_groups, 1)
-            equivalent = 2 * (workers - 1) / workers * num_params * 4
+    in_group, cross_group, sent, equivalent = _traffic(
+        config, runtime, exchange, groups, batch, spec, num_params
+    )
     ensemble = final.get("ensemble_accuracy")
     entry = {
         "arm": arm,
@@ -847,6 +831,37 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         with open(os.path.join(arm_dir, f"history{tag}.json"), "w") as f:
             json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
     return entry, history, backup
+
+
+def _traffic(config: TrainConfig, runtime: Runtime, exchange, groups: int, batch: int, spec, num_params: int):
+    """Bytes per training step, per worker: (inside the group, across
+    groups, sent over a process boundary in all, what a multi-worker job of
+    this arm would send)."""
+    if runtime.distributed or config.separate_group():
+        group_size = runtime.topology.group_size if runtime.distributed else 1
+        in_group = 2 * (group_size - 1) / group_size * num_params * 4
+        cross_group = (
+            exchange.bytes_sent_per_step(batch // group_size, spec.num_classes, num_params)
+            if exchange
+            else 0.0
+        )
+        sent = in_group + cross_group
+        equivalent = sent
+    elif exchange is not None:
+        in_group = cross_group = sent = 0.0
+        equivalent = exchange.bytes_sent_per_step(batch, spec.num_classes, num_params)
+    else:
+        in_group = cross_group = sent = 0.0
+        if groups > 1:
+            # An all-gather of every group's logits: each worker sends its own
+            # (batch x classes) block to each of the other groups.
+            equivalent = (groups - 1) * batch * spec.num_classes * 4
+        else:
+            # Ring all-reduce of the gradient over as many workers as the
+            # codistillation arm has groups.
+            workers = max(config.num_groups, 1)
+            equivalent = 2 * (workers - 1) / workers * num_params * 4
+    return in_group, cross_group, sent, equivalent
 
 
 def _make_backup(config: TrainConfig, runtime: Runtime, arm_dir: str, timer: TrainTimer):

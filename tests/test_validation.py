@@ -44,6 +44,8 @@ BAD_CONFIGS = [
     (dict(steps=-1), ValueError, "--steps must be >= 0"),
     (dict(epochs=0, steps=0), ValueError, "Set --epochs >= 1 or --steps >= 1"),
     (dict(steps_per_execution=0), ValueError, "--steps_per_execution must be >= 1"),
+    (dict(backup_keep=-1), ValueError, "--backup_keep must be >= 0"),
+    (dict(backup_keep=1.5), TypeError, "--backup_keep must be an integer"),
     (dict(base_lr=0.0), ValueError, "--base_lr must be > 0"),
     (dict(weight_decay=-1e-4), ValueError, "--weight_decay must be >= 0"),
     (dict(alpha=-0.5), ValueError, "--alpha must be >= 0"),
@@ -155,7 +157,7 @@ def test_burn_in_covering_the_run_is_rejected():
 def test_run_length_warnings():
     config = train.TrainConfig(steps=10, warmup_epochs=2.0, burn_in_steps=5, alpha_ramp_steps=10)
     warmup, ramp = config.check_run_length(num_train=4000)
-    assert "--warmup_epochs=2 is 62 steps, not shorter than the run (10 steps)" in warmup
+    assert "--warmup_epochs=2 is 20 steps, not shorter than the run (10 steps)" in warmup
     assert "alpha never reaches 1" in ramp
     assert train.TrainConfig(steps=100, warmup_epochs=0.5).check_run_length(num_train=4000) == []
 
