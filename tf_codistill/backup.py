@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
+from tf_codistill.files import fsync_dir, probe_writable
+
 WEIGHTS = "state.weights.h5"
 EXCHANGE = "exchange.npz"  # the exchange's own state (stale peer copies), when it has one
 META = "meta.json"
@@ -53,19 +55,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_backups(directory: str) -> list[int]:
@@ -183,11 +172,7 @@ class Backup(keras.callbacks.Callback):
     def check_writable(self) -> None:
         """Raises BackupError when the directory cannot be created or written."""
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            probe = os.path.join(self.directory, f"{_TMP}probe-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            probe_writable(self.directory)
         except OSError as e:
             raise BackupError(
                 f"backup directory {self.directory} is not writable ({e}); point the workdir at a "
@@ -308,11 +293,11 @@ class Backup(keras.callbacks.Callback):
                 os.fsync(f.fileno())
             with open(weights, "rb+") as f:
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if os.path.exists(final):  # a rerun of this epoch after resuming from an older one
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             kept = list_backups(self.directory)

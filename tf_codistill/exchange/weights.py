@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_codistill.exchange.base import Exchange
+from tf_codistill.files import probe_writable
 
 __all__ = [
     "StaleWeightsExchange",
@@ -162,12 +163,8 @@ class DirectoryTransport(Transport):
 
     def check_writable(self) -> None:
         """Raises ValueError now (at start-up) if the directory is unusable."""
-        probe = os.path.join(self.path, f".probe-{os.getpid()}")
         try:
-            os.makedirs(self.path, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            probe_writable(self.path)
         except OSError as err:
             raise ValueError(
                 f"exchange directory {self.path} is not writable ({err.strerror or err}); "
