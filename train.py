@@ -1066,17 +1066,21 @@ def _merge_ranks(entry: dict, runtime: Runtime) -> dict:
     return merged
 
 
+def _causes(err: BaseException, limit: int = 10):
+    """`err`, then what caused it, and so on (at most `limit` links)."""
+    for _ in range(limit):
+        if err is None:
+            return
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _no_space(err: BaseException) -> bool:
     """Whether `err` (or what caused it) is a full disk, from Python or TensorFlow."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-        seen += 1
-    return False
+    return any(
+        (isinstance(link, OSError) and link.errno == errno.ENOSPC) or "No space left on device" in str(link)
+        for link in _causes(err)
+    )
 
 
 # What a failed collective says when another process of the job is gone or
@@ -1094,13 +1098,10 @@ _PEER_LOST = (
 
 def _peer_lost(err: BaseException) -> str | None:
     """The line of `err` (or what caused it) that says a peer is gone, else None."""
-    seen = 0
-    while err is not None and seen < 10:
-        for line in str(err).splitlines():
+    for link in _causes(err):
+        for line in str(link).splitlines():
             if any(marker in line for marker in _PEER_LOST):
                 return line.strip()[:300]
-        err = err.__cause__ or err.__context__
-        seen += 1
     return None
 
 
@@ -1113,7 +1114,7 @@ def _kept_backups(workdir: str) -> str:
             continue
         folders = [root] + [os.path.join(root, n) for n in sorted(os.listdir(root))]
         for folder in folders:
-            epochs = [e for e in backup_mod.list_backups(folder) if backup_mod.verify(folder, e) is None]
+            epochs = backup_mod.intact_epochs(folder)
             if epochs:
                 kept.append(f"{os.path.relpath(folder, workdir)} epoch {epochs[0]}")
     return "the newest intact: " + ", ".join(kept) if kept else "none had been written yet"

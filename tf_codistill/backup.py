@@ -82,23 +82,32 @@ def verify(directory: str, epoch: int) -> str | None:
         meta = read_meta(directory, epoch)
     except (OSError, ValueError) as e:
         return f"unreadable {META} ({e})"
-    weights = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(weights):
-        return f"{WEIGHTS} is missing"
-    try:
-        actual = _sha256(weights)
-    except OSError as e:
-        return f"unreadable {WEIGHTS} ({e})"
-    if actual != meta.get("sha256"):
-        return f"{WEIGHTS} does not match its checksum (corrupt or truncated)"
+    files = {WEIGHTS: meta.get("sha256")}
     if meta.get("exchange_sha256"):
+        files[EXCHANGE] = meta["exchange_sha256"]
+    for name, expected in files.items():
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
         try:
-            actual = _sha256(os.path.join(path, EXCHANGE))
+            actual = _sha256(os.path.join(path, name))
         except OSError as e:
-            return f"unreadable {EXCHANGE} ({e})"
-        if actual != meta["exchange_sha256"]:
-            return f"{EXCHANGE} does not match its checksum (corrupt or truncated)"
+            return f"unreadable {name} ({e})"
+        if actual != expected:
+            return f"{name} does not match its checksum (corrupt or truncated)"
     return None
+
+
+def intact_epochs(directory: str, on_skip: Callable[[int, str], None] | None = None) -> list[int]:
+    """Epochs of the backups in `directory` that pass their checksums, newest
+    first; `on_skip(epoch, why)` hears of each one that does not."""
+    good = []
+    for epoch in list_backups(directory):
+        problem = verify(directory, epoch)
+        if problem is None:
+            good.append(epoch)
+        elif on_skip is not None:
+            on_skip(epoch, problem)
+    return good
 
 
 class Backup(keras.callbacks.Callback):
@@ -150,7 +159,6 @@ class Backup(keras.callbacks.Callback):
         self.restored_extra: dict = {}
         self.history: dict[str, list[float]] = {}
         self._plan: tuple[int | None] | None = None
-        self.saves = 0
         self.save_seconds = 0.0
 
     # ------------------------------------------------------------- helpers
@@ -180,18 +188,15 @@ class Backup(keras.callbacks.Callback):
             ) from e
 
     def intact_epochs(self) -> list[int]:
-        """Epochs of the backups that pass their checksum, newest first."""
-        good = []
-        for epoch in list_backups(self.directory):
-            problem = verify(self.directory, epoch)
-            if problem is None:
-                good.append(epoch)
-            else:
-                print(
-                    f"WARNING: skipping the backup of epoch {epoch} in {self.directory}: {problem}.",
-                    flush=True,
-                )
-        return good
+        """Epochs of the backups that pass their checksum, newest first; the
+        others are skipped with a warning."""
+
+        def warn(epoch, problem):
+            print(
+                f"WARNING: skipping the backup of epoch {epoch} in {self.directory}: {problem}.", flush=True
+            )
+
+        return intact_epochs(self.directory, warn)
 
     def _clean_temporaries(self) -> None:
         if not os.path.isdir(self.directory):
@@ -309,7 +314,6 @@ class Backup(keras.callbacks.Callback):
             ) from e
         for old in list_backups(self.directory)[self.keep :]:
             shutil.rmtree(self._path(old), ignore_errors=True)
-        self.saves += 1
         self.save_seconds += time.perf_counter() - begin
         return final
 
