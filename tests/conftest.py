@@ -42,6 +42,34 @@ def worker_env():
     return env
 
 
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+
+
+def horovodrun(processes: int, *argv) -> list[str]:
+    """`horovodrun --gloo` of `argv` as `processes` local processes."""
+    return [HOROVODRUN, "--gloo", "-np", str(processes), "-H", f"localhost:{processes}", *map(str, argv)]
+
+
+def train_pid(marker: str, rank: int | None = None) -> int | None:
+    """The `python train.py` process whose arguments carry `marker` (e.g. its
+    workdir): Horovod rank `rank` of a job, or the only one when `rank` is
+    None. Launchers and the shells between them and the workers (whose
+    command lines carry the same arguments) are left out."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if len(argv) < 2 or "python" not in os.path.basename(argv[0]) or argv[1] != "train.py":
+            continue
+        if any(marker in arg for arg in argv) and (rank is None or f"HOROVOD_RANK={rank}" in environ):
+            return int(pid)
+    return None
+
+
 @pytest.fixture(scope="module")
 def horovod_installed():
     """Multi-process tests need Horovod; `make test` builds it first."""

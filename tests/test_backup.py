@@ -34,29 +34,36 @@ def _model(exchange=None):
     return model
 
 
+def _fit(model, epochs, backup=None, data=None):
+    """`epochs` epochs of STEPS steps, with `backup` as the only callback."""
+    callbacks = [backup] if backup is not None else []
+    data = _data() if data is None else data
+    return model.fit(data, epochs=epochs, steps_per_epoch=STEPS, verbose=0, callbacks=callbacks).history
+
+
+def _backed_up(directory, epochs, model=None, **backup_args):
+    """Trains `model` (a new one by default) for `epochs`, keeping its backups."""
+    model = _model() if model is None else model
+    _fit(model, epochs, Backup(directory, delete_on_finish=False, **backup_args))
+    return model
+
+
 def _weights(model):
     return [v.numpy() for v in model.weights] + [v.numpy() for v in model.optimizer.variables]
 
 
 def test_resume_continues_exactly_where_training_stopped(tmp_path, capsys):
     straight = _model()
-    full = straight.fit(_data(), epochs=4, steps_per_epoch=STEPS, verbose=0).history
+    full = _fit(straight, 4)
 
     directory = str(tmp_path / "backup")
-    first = _model()
-    first.fit(
-        _data(),
-        epochs=2,
-        steps_per_epoch=STEPS,
-        verbose=0,
-        callbacks=[Backup(directory, delete_on_finish=False)],
-    )
+    _backed_up(directory, 2)
     assert backup_mod.list_backups(directory) == [2, 1]
 
     resumed = _model()  # fresh weights and optimizer: everything comes from the backup
     backup = Backup(directory, delete_on_finish=False)
     assert backup.resume_epoch() == 2
-    resumed.fit(_data().skip(2 * STEPS), epochs=4, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    _fit(resumed, 4, backup, data=_data().skip(2 * STEPS))
     assert backup.restored_epoch == 2 and backup.restored_step == 2 * STEPS
     assert "[backup] resumed from epoch 2 (step 10)" in capsys.readouterr().out
     for a, b in zip(_weights(resumed), _weights(straight)):
@@ -71,14 +78,7 @@ def test_resume_continues_exactly_where_training_stopped(tmp_path, capsys):
 
 def test_partial_and_corrupt_backups_are_never_loaded(tmp_path, capsys):
     directory = str(tmp_path / "backup")
-    model = _model()
-    model.fit(
-        _data(),
-        epochs=2,
-        steps_per_epoch=STEPS,
-        verbose=0,
-        callbacks=[Backup(directory, delete_on_finish=False)],
-    )
+    _backed_up(directory, 2)
     # A kill mid-write leaves a temporary folder; a later one never renamed.
     os.makedirs(os.path.join(directory, ".tmp-000003-999"))
     with open(os.path.join(directory, ".tmp-000003-999", backup_mod.WEIGHTS), "wb") as f:
@@ -96,19 +96,13 @@ def test_partial_and_corrupt_backups_are_never_loaded(tmp_path, capsys):
     assert "skipping the backup of epoch 2" in out and "checksum" in out
     assert not any(n.startswith(".tmp-") for n in os.listdir(directory))  # cleaned up
     fresh = _model()
-    fresh.fit(_data(), epochs=1, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    _fit(fresh, 1, backup)
     assert backup.restored_epoch == 1 and int(fresh.optimizer.iterations.numpy()) == STEPS
 
 
 def test_agreement_picks_the_epoch_every_process_holds(tmp_path):
     directory = str(tmp_path / "backup")
-    _model().fit(
-        _data(),
-        epochs=3,
-        steps_per_epoch=STEPS,
-        verbose=0,
-        callbacks=[Backup(directory, keep=3, delete_on_finish=False)],
-    )
+    _backed_up(directory, 3, keep=3)
     seen = []
 
     def agree(epochs):  # as if another process held only epochs 1 and 2
@@ -118,7 +112,7 @@ def test_agreement_picks_the_epoch_every_process_holds(tmp_path):
 
     backup = Backup(directory, agree=agree, delete_on_finish=False)
     model = _model()
-    model.fit(_data(), epochs=2, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    _fit(model, 2, backup)
     assert seen == [[3, 2, 1]] and backup.restored_epoch == 2
     # Nothing in common: start afresh, with a message.
     afresh = Backup(directory, agree=lambda epochs: None, delete_on_finish=False)
@@ -127,14 +121,7 @@ def test_agreement_picks_the_epoch_every_process_holds(tmp_path):
 
 def test_stale_weights_peer_copies_are_part_of_the_backup(tmp_path):
     directory = str(tmp_path / "backup")
-    model = _model(StaleWeightsExchange(every=4))
-    model.fit(
-        _data(),
-        epochs=2,
-        steps_per_epoch=STEPS,
-        verbose=0,
-        callbacks=[Backup(directory, delete_on_finish=False)],
-    )
+    model = _backed_up(directory, 2, _model(StaleWeightsExchange(every=4)))
     meta = backup_mod.read_meta(directory, 2)
     assert meta["exchange_sha256"] and meta["step"] == 2 * STEPS
     copies = {g: [w.copy() for w in c.get_weights()] for g, c in model.exchange.copies.items()}
@@ -161,7 +148,7 @@ def test_write_failures_are_clear_and_leave_earlier_backups_whole(tmp_path):
     directory = str(tmp_path / "backup")
     model = _model()
     backup = Backup(directory, delete_on_finish=False)
-    model.fit(_data(), epochs=1, steps_per_epoch=STEPS, verbose=0, callbacks=[backup])
+    _fit(model, 1, backup)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -175,13 +162,7 @@ def test_write_failures_are_clear_and_leave_earlier_backups_whole(tmp_path):
 
 def test_a_backup_of_another_model_is_refused(tmp_path):
     directory = str(tmp_path / "backup")
-    _model().fit(
-        _data(),
-        epochs=1,
-        steps_per_epoch=STEPS,
-        verbose=0,
-        callbacks=[Backup(directory, delete_on_finish=False)],
-    )
+    _backed_up(directory, 1)
     other = CodistillModel([build_model("cnn1d", (40, 1), CLASSES, seed=i) for i in range(2)])
     other.compile(optimizer=keras.optimizers.SGD(0.1))
     backup = Backup(directory, delete_on_finish=False)

@@ -10,15 +10,13 @@ whatever peer file exists when a refresh comes due).
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, worker_env
+from conftest import REPO, horovodrun, worker_env
 
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 DATASET = "mnist1d/n2000"  # 1,600 train examples: 25 steps of 64
 STEPS = 25
 COMMON = [
@@ -74,13 +72,8 @@ def test_multi_process_reruns_are_bit_identical(case, tmp_path, data_dir, small_
     dirs = [tmp_path / "first", tmp_path / "second"]
     for workdir in dirs:
         _run(
-            [
-                HOROVODRUN,
-                "--gloo",
-                "-np",
-                "2",
-                "-H",
-                "localhost:2",
+            horovodrun(
+                2,
                 sys.executable,
                 "train.py",
                 *COMMON,
@@ -88,7 +81,7 @@ def test_multi_process_reruns_are_bit_identical(case, tmp_path, data_dir, small_
                 "--collective_timeout=60",
                 f"--data_dir={data_dir}",
                 f"--workdir={workdir}",
-            ]
+            )
         )
     arm = "sync" if case.startswith("sync") else "codistill"
     for rank in (0, 1):

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import HOROVODRUN, horovodrun
 
 from models import build_model
 from tf_codistill import AlphaSchedule, CodistillModel, paper_weight_decay
@@ -228,8 +229,7 @@ print(f"RANK {topo.rank} GROUP {topo.group} distill_loss={logs['distill_loss']!r
 
 
 def test_horovod_two_groups(tmp_path):
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    if not os.path.exists(horovodrun):
+    if not os.path.exists(HOROVODRUN):
         pytest.skip("horovodrun is not installed in this environment")
     try:
         import horovod.tensorflow  # noqa: F401
@@ -238,7 +238,7 @@ def test_horovod_two_groups(tmp_path):
     script = tmp_path / "hvd_loop.py"
     script.write_text(textwrap.dedent(HOROVOD_SCRIPT))
     ckpt = str(tmp_path / "ckpt")
-    args = [horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, str(script), ckpt]
+    args = horovodrun(2, sys.executable, script, ckpt)
     proc, tail = _run(args, timeout=180)
     assert proc.returncode == 0, tail
     lines = [line.split("RANK", 1)[1] for line in proc.stdout.splitlines() if "RANK" in line]

@@ -13,11 +13,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, worker_env
+from conftest import REPO, horovodrun, train_pid, worker_env
 
 import train
 
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 COMMON = [
     "--dataset=mnist1d",
     "--model=cnn1d",
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("horovod_installed")
 
 
 def launch(np_, args, timeout=240, program=("train.py",)):
-    cmd = [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable, *program, *args]
+    cmd = horovodrun(np_, sys.executable, *program, *args)
     return subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -191,31 +190,10 @@ def test_groups_with_different_output_shapes_fail_clearly(tmp_path):
     assert "group 0: (10,), group 1: (11,)" in proc.stdout
 
 
-def _pid_of_rank(rank, marker):
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if marker in cmdline and "train.py" in cmdline and f"HOROVOD_RANK={rank}" in environ:
-            return int(pid)
-    return None
-
-
 def test_a_killed_worker_ends_the_job_with_an_error_in_bounded_time(tmp_path, data_dir, mnist1d_spec):
     workdir = tmp_path / "killed"
-    cmd = [
-        HOROVODRUN,
-        "--gloo",
-        "-np",
-        "2",
-        "-H",
-        "localhost:2",
+    cmd = horovodrun(
+        2,
         sys.executable,
         "train.py",
         *COMMON,
@@ -226,7 +204,7 @@ def test_a_killed_worker_ends_the_job_with_an_error_in_bounded_time(tmp_path, da
         "--steps=100000",
         f"--data_dir={data_dir}",
         f"--workdir={workdir}",
-    ]
+    )
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -243,7 +221,7 @@ def test_a_killed_worker_ends_the_job_with_an_error_in_bounded_time(tmp_path, da
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
-        victim = _pid_of_rank(1, str(workdir))
+        victim = train_pid(str(workdir), rank=1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()

@@ -17,11 +17,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, python_env, worker_env
+from conftest import REPO, horovodrun, python_env, train_pid, worker_env
 
 from tf_codistill import backup
 
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 STEPS = 186  # 3 epochs of 62 steps (4,000 examples, batch 64)
 COMMON = [
     "--dataset=mnist1d",
@@ -42,29 +41,11 @@ def _command(workdir, data_dir, processes, extra):
     train = [sys.executable, "train.py", *COMMON, *extra, f"--data_dir={data_dir}", f"--workdir={workdir}"]
     if processes == 1:
         return train
-    return [HOROVODRUN, "--gloo", "-np", str(processes), "-H", f"localhost:{processes}", *train]
+    return horovodrun(processes, *train)
 
 
 def _env(processes):
     return python_env() if processes == 1 else worker_env()
-
-
-def _rank_pid(workdir, rank):
-    """The train.py process writing to `workdir`: Horovod rank `rank`, or the
-    only one when `rank` is None."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().split(b"\0")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if len(cmdline) < 2 or cmdline[1] != b"train.py" or f"--workdir={workdir}".encode() not in cmdline:
-            continue
-        if rank is None or f"HOROVOD_RANK={rank}".encode() in environ:
-            return int(pid)
-    return None
 
 
 def _files(workdir, arm):
@@ -105,7 +86,7 @@ def _kill_and_resume(tmp_path, data_dir, processes, extra, arm, victim):
             assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no second backup within 240 s"
             time.sleep(0.05)
-        pid = _rank_pid(killed, victim if processes > 1 else None)
+        pid = train_pid(f"--workdir={killed}", victim if processes > 1 else None)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         job.wait(timeout=60)

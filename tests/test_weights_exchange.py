@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, python_env, worker_env
+from conftest import REPO, horovodrun, python_env, worker_env
 from test_model import _batch, _clone, _members, _weights
 
 from tf_codistill import CodistillModel
@@ -227,15 +227,9 @@ def test_a_killed_group_is_survived_and_rejoins_after_restart(tmp_path, data_dir
 def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec, horovod_installed):
     """Leaders all-gather flattened weights every K steps and broadcast them in
     their group: groups stay different, workers of a group stay equal."""
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     env = worker_env()
-    cmd = [
-        horovodrun,
-        "--gloo",
-        "-np",
-        "4",
-        "-H",
-        "localhost:4",
+    cmd = horovodrun(
+        4,
         sys.executable,
         "train.py",
         "--mode=codistill",
@@ -249,7 +243,7 @@ def test_weights_over_horovod_two_groups_of_two(tmp_path, data_dir, mnist1d_spec
         "--collective_timeout=60",
         f"--data_dir={data_dir}",
         f"--workdir={tmp_path}",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = _results(tmp_path)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, python_env, worker_env
+from conftest import REPO, python_env, train_pid, worker_env
 
 from tf_codistill import backup as backup_mod
 
@@ -104,20 +104,10 @@ def _cmdline(pid: int) -> str:
 
 def pid_of_rank(rank: int, marker: str) -> int:
     """The train.py process of Horovod rank `rank` in the job marked by `marker`."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        cmdline = _cmdline(int(name))
-        if marker not in cmdline or "train.py" not in cmdline or "tf_codistill.launch" in cmdline:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if f"HOROVOD_RANK={rank}" in environ and "python" in os.path.basename(cmdline.split(" ")[0]):
-            return int(name)
-    raise AssertionError(f"no process of rank {rank} found")
+    pid = train_pid(marker, rank)
+    if pid is None:
+        raise AssertionError(f"no process of rank {rank} found")
+    return pid
 
 
 def signal_pid(pid: int, sig: int) -> None:
