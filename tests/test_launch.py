@@ -165,6 +165,24 @@ def test_output_formatter_reprefixes_and_streams_partial_chunks():
     assert formatter.failure() == (1, 3)
 
 
+def test_output_formatter_names_a_rank_killed_from_outside_over_a_survivor_that_crashed():
+    # Ranks 2 and 3 got SIGKILL; rank 0 aborted on the broken connection and was reaped first.
+    formatter = launch.OutputFormatter()
+    formatter.feed(
+        b"Process 0 exit with status code 134.\n"
+        b"Terminating remaining workers after failure of Process 0.\n"
+        b"Process 2 exit with status code 137.\nProcess 3 exit with status code 137.\n"
+        b"Process 1 exit with status code 143.\n"
+    )
+    assert formatter.failure() == (2, 137)
+    # A SIGKILL long after the first failure is horovodrun's own escalation, not the cause.
+    formatter = launch.OutputFormatter()
+    formatter.feed(b"Process 0 exit with status code 5.\n")
+    formatter.reported_at[0] -= 10.0
+    formatter.feed(b"Process 1 exit with status code 137.\n")
+    assert formatter.failure() == (0, 5)
+
+
 # ---------------------------------------------------------------- real jobs
 
 

@@ -58,6 +58,13 @@ _RANK_PREFIX = re.compile(r"^\[(?P<rank>\d+)\]<(?P<stream>stdout|stderr)>:")
 # horovodrun's own lines about failed ranks (gloo_run._exec_command).
 _PROCESS_EXIT = re.compile(r"^Process (?P<rank>\d+) exit with status code (?P<code>-?\d+)\.")
 _FIRST_FAILURE = re.compile(r"^Terminating remaining workers after failure of Process (?P<rank>\d+)\.")
+# Exit statuses of a process killed by SIGKILL, as horovodrun's shell reports them (128 + 9) or
+# as a negative signal number.
+_SIGKILLED = (128 + signal.SIGKILL, -signal.SIGKILL)
+# horovodrun stops the remaining workers with SIGTERM and sends SIGKILL only after 5 s
+# (safe_shell_exec.GRACEFUL_TERMINATION_TIME_S), so a SIGKILL reported sooner than this after
+# the first failure came from outside the job: the OOM killer, a user, the cluster.
+_OUTSIDE_KILL_WINDOW_S = 2.0
 
 
 class UsageError(Exception):
@@ -262,6 +269,7 @@ class OutputFormatter:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.failed: dict[int, int] = {}  # rank -> exit code, in the order reported
+        self.reported_at: dict[int, float] = {}  # rank -> time.monotonic() of the report
         self.first_failure: int | None = None
 
     def feed(self, data: bytes) -> str:
@@ -285,18 +293,32 @@ class OutputFormatter:
             tag = f"[rank {rank}]" if stream == "stdout" else f"[rank {rank}:stderr]"
             return f"{tag} {segment[match.end() :]}"
         if match := _PROCESS_EXIT.match(segment):
-            self.failed.setdefault(int(match["rank"]), int(match["code"]))
+            rank = int(match["rank"])
+            if rank not in self.failed:
+                self.failed[rank] = int(match["code"])
+                self.reported_at[rank] = time.monotonic()
         elif match := _FIRST_FAILURE.match(segment):
             if self.first_failure is None:
                 self.first_failure = int(match["rank"])
         return segment
 
     def failure(self) -> tuple[int, int] | None:
-        """(rank, exit code) of the first rank to fail, or None."""
+        """(rank, exit code) of the rank whose failure started it all, or None.
+
+        That is the rank horovodrun names first, unless another rank was SIGKILLed from outside
+        at about the same time: when a whole group is killed, a survivor can crash on the broken
+        connection (SIGABRT from Gloo) before horovodrun reaps the killed ranks, and the kill is
+        the cause worth naming.
+        """
         if not self.failed:
             return None
-        rank = self.first_failure if self.first_failure in self.failed else next(iter(self.failed))
-        return rank, self.failed[rank]
+        first = self.first_failure if self.first_failure in self.failed else next(iter(self.failed))
+        if self.failed[first] not in _SIGKILLED:
+            start = min(self.reported_at.values())
+            for rank, code in self.failed.items():
+                if code in _SIGKILLED and self.reported_at[rank] - start < _OUTSIDE_KILL_WINDOW_S:
+                    return rank, code
+        return first, self.failed[first]
 
 
 def _pump(stream: IO[bytes], formatter: OutputFormatter, out: TextIO) -> None:
