@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import numbers
 import os
 import re
 import tempfile
@@ -27,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
+from tf_codistill.checks import check_int, is_int, is_number
 from tf_codistill.datasets.mnist1d import Mnist1d, config_for
 
 __all__ = [
@@ -149,7 +149,7 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
         raise TypeError(f"name must be a dataset name (str), got {name!r}.")
     if not name.strip():
         raise ValueError("The dataset name is empty: give one such as mnist1d, digits or cifar10.")
-    if isinstance(train_fraction, bool) or not isinstance(train_fraction, numbers.Real):
+    if not is_number(train_fraction):
         raise TypeError(f"train_fraction must be a number, got {train_fraction!r}.")
     if not 0.0 < train_fraction <= 1.0:  # also rejects nan
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
@@ -195,10 +195,7 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be an integer, got {batch_size!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_int("batch_size", batch_size, 1)
 
 
 def _check_part(name: str, part) -> None:
@@ -207,7 +204,7 @@ def _check_part(name: str, part) -> None:
         return
     try:
         index, count = part
-        ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in part)
+        ok = all(is_int(v) for v in part)
     except (TypeError, ValueError):
         ok = False
     if not ok or not 0 <= index < count:
@@ -306,9 +303,7 @@ def eval_batches(
     """
     _check_batch_size(batch_size)
     _check_part("shard", shard)
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0
-    ):
+    if limit is not None and not (is_int(limit) and limit >= 0):
         raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}.")
     builder = _prepared_builder(spec.name, data_dir)
     ds = builder.as_dataset(split=spec.test_split, as_supervised=True, shuffle_files=False)

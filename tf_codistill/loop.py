@@ -22,7 +22,6 @@ dataset whose order does not matter).
 
 from __future__ import annotations
 
-import numbers
 import os
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ import warnings
 
 import tensorflow as tf
 
+from tf_codistill.checks import check_int
 from tf_codistill.model import CodistillModel
 
 __all__ = ["CodistillLoop", "reduce_logs"]
@@ -74,13 +74,6 @@ def _task_id(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = getattr(resolver, "task_id", None)
     return int(task_id) if task_id is not None else 0
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 def _format_logs(logs: dict[str, float]) -> str:
@@ -138,8 +131,8 @@ class CodistillLoop:
                 "strategy.scope() when distributed) before building a CodistillLoop; the loop "
                 "uses the compiled optimizer, task loss and metrics."
             )
-        _check_count("max_checkpoints", max_checkpoints, 1)
-        _check_count("checkpoint_every", checkpoint_every, 0)
+        check_int("max_checkpoints", max_checkpoints, 1)
+        check_int("checkpoint_every", checkpoint_every, 0)
         for name, directory in (("checkpoint_dir", checkpoint_dir), ("summary_dir", summary_dir)):
             if directory is not None and os.path.isfile(directory):
                 raise ValueError(f"{name}={directory} is an existing file; give a directory.")
@@ -305,9 +298,8 @@ class CodistillLoop:
         Raises:
             ValueError: negative `steps` or `log_every`.
         """
-        for name, value in (("steps", steps), ("log_every", log_every)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}.")
+        check_int("steps", steps)
+        check_int("log_every", log_every)
         if steps < 0 or log_every < 0:
             raise ValueError(f"steps and log_every must be >= 0; got steps={steps}, log_every={log_every}.")
         start = self.step if self._restored else self.restore()
@@ -386,7 +378,7 @@ class CodistillLoop:
             floats; `{}` when the dataset is empty.
         """
         if steps is not None:
-            _check_count("steps", steps, 0)
+            check_int("steps", steps, 0)
         self.model.reset_metrics()
         if self._test_fn is None:
             self._test_fn = self._step_function(self.model.test_step)

@@ -12,8 +12,6 @@ through the same train step.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import keras
@@ -21,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tf_codistill.checks import check_int, check_number, is_int, is_number
 from tf_codistill.exchange import Exchange, LocalExchange
 from tf_codistill.losses import CodistillDistance, get_distance
 from tf_codistill.schedules import AlphaSchedule, Schedule
@@ -183,18 +182,15 @@ class CodistillModel(keras.Model):
             raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
-        if isinstance(weight_decay, bool) or not (
-            isinstance(weight_decay, numbers.Real) or callable(weight_decay)
-        ):
+        if not (is_number(weight_decay) or callable(weight_decay)):
             raise TypeError(f"weight_decay must be a number or a step schedule, got {weight_decay!r}.")
-        if isinstance(weight_decay, numbers.Real):
-            if not math.isfinite(weight_decay):
-                raise ValueError(f"weight_decay must be a finite number, got {weight_decay}.")
+        if is_number(weight_decay):
+            check_number("weight_decay", weight_decay)
             if weight_decay < 0:
                 raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
             weight_decay = float(weight_decay)
         if num_classes is not None:
-            if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            if not is_int(num_classes):
                 raise TypeError(f"num_classes must be an integer or None, got {num_classes!r}.")
             if num_classes < 1:
                 raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
@@ -203,8 +199,7 @@ class CodistillModel(keras.Model):
                 f"exchange must be a tf_codistill Exchange (LocalExchange, StaleWeightsExchange, ...), "
                 f"got {type(exchange).__name__}."
             )
-        if isinstance(max_bad_peer_steps, bool) or not isinstance(max_bad_peer_steps, numbers.Integral):
-            raise TypeError(f"max_bad_peer_steps must be an integer, got {max_bad_peer_steps!r}.")
+        check_int("max_bad_peer_steps", max_bad_peer_steps)
         self.members = members
         self.distance = get_distance(distance, temperature)
         self.alpha_schedule = alpha

@@ -9,11 +9,12 @@ checkpoint (the step counter is part of the optimizer's state).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import keras
 from keras import ops
+
+from tf_codistill.checks import check_int, check_number, is_number
 
 __all__ = [
     "AlphaSchedule",
@@ -29,26 +30,8 @@ __all__ = [
 Schedule = keras.optimizers.schedules.LearningRateSchedule
 
 
-def _check_int(name: str, value, minimum: int | None = 0) -> int:
-    """`value` as an int; TypeError unless it is an integer, ValueError below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _check_number(name: str, value) -> float:
-    """`value` as a float; TypeError unless it is a number, ValueError for nan or inf."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}.")
-    return float(value)
-
-
 def _check_boundaries(boundaries) -> list[int]:
-    steps = [_check_int(f"boundaries[{i}]", b) for i, b in enumerate(boundaries)]
+    steps = [check_int(f"boundaries[{i}]", b, 0) for i, b in enumerate(boundaries)]
     if steps != sorted(steps):
         raise ValueError(f"boundaries must not decrease; got {steps}.")
     return steps
@@ -71,7 +54,7 @@ def goyal_learning_rate(base_lr: float, batch_size: int) -> float:
 
 def milestone_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
     """Turns milestones given as fractions of the run into step numbers."""
-    _check_int("total_steps", total_steps, 1)
+    check_int("total_steps", total_steps, 1)
     for f in fractions:
         if not 0.0 < f < 1.0:
             raise ValueError(
@@ -92,7 +75,7 @@ class PiecewiseConstant(Schedule):
                 f"and {len(boundaries)} boundaries."
             )
         self.boundaries = _check_boundaries(boundaries)
-        self.values = [_check_number(f"values[{i}]", v) for i, v in enumerate(values)]
+        self.values = [check_number(f"values[{i}]", v) for i, v in enumerate(values)]
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -118,14 +101,14 @@ class WarmupPiecewiseDecay(Schedule):
         decay_factor: float = 0.1,
         warmup_steps: int = 0,
     ):
-        if _check_number("peak_lr", peak_lr) <= 0:
+        if check_number("peak_lr", peak_lr) <= 0:
             raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
-        if _check_number("decay_factor", decay_factor) <= 0:
+        if check_number("decay_factor", decay_factor) <= 0:
             raise ValueError(f"decay_factor must be > 0 (0.1: divide by 10), got {decay_factor}.")
         self.peak_lr = float(peak_lr)
         self.boundaries = _check_boundaries(boundaries)
         self.decay_factor = float(decay_factor)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self._piecewise = PiecewiseConstant(
             self.boundaries,
             [self.peak_lr * self.decay_factor**i for i in range(len(self.boundaries) + 1)],
@@ -151,10 +134,10 @@ class WarmupCosineDecay(Schedule):
     """Linear warmup to `peak_lr`, then half a cosine down to 0 at `total_steps`."""
 
     def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
-        if _check_number("peak_lr", peak_lr) <= 0:
+        if check_number("peak_lr", peak_lr) <= 0:
             raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
-        _check_int("total_steps", total_steps, 1)
-        _check_int("warmup_steps", warmup_steps)
+        check_int("total_steps", total_steps, 1)
+        check_int("warmup_steps", warmup_steps, 0)
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(f"need 0 <= warmup_steps < total_steps; got {warmup_steps} and {total_steps}.")
         self.peak_lr = float(peak_lr)
@@ -200,7 +183,7 @@ def paper_weight_decay(
             f"values must be three weight decays (start, after the first and second decay); got {list(values)}."
         )
     for i, v in enumerate(values):
-        if _check_number(f"values[{i}]", v) < 0:
+        if check_number(f"values[{i}]", v) < 0:
             raise ValueError(f"weight decay values must be >= 0, got {list(values)}.")
     return PiecewiseConstant(list(lr_boundaries[:2]), list(values))
 
@@ -214,7 +197,7 @@ class AlphaSchedule(Schedule):
     """
 
     def __init__(self, alpha: float = 1.0, burn_in_steps: int = 0, ramp_steps: int = 0):
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        if not is_number(alpha):
             raise ValueError(f"alpha must be a number, got {alpha!r}.")
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha}.")
@@ -223,8 +206,8 @@ class AlphaSchedule(Schedule):
                 f"alpha must be >= 0, got {alpha}. alpha weighs the distillation "
                 "term; 0 turns codistillation off."
             )
-        _check_int("burn_in_steps", burn_in_steps, minimum=None)
-        _check_int("ramp_steps", ramp_steps, minimum=None)
+        check_int("burn_in_steps", burn_in_steps)
+        check_int("ramp_steps", ramp_steps)
         if burn_in_steps < 0 or ramp_steps < 0:
             raise ValueError(
                 f"burn_in_steps and ramp_steps must be >= 0; got {burn_in_steps} and {ramp_steps}."

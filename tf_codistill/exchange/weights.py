@@ -25,7 +25,6 @@ import glob
 import json
 import logging
 import math
-import numbers
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_codistill.checks import check_int, is_number
 from tf_codistill.exchange.base import Exchange
 from tf_codistill.files import probe_writable
 
@@ -138,11 +138,10 @@ class DirectoryTransport(Transport):
             raise TypeError(f"path must be a directory path, got {path!r}.")
         if not os.fspath(path).strip():
             raise ValueError("path is empty: give the shared exchange directory.")
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
-            raise TypeError(f"keep must be an integer, got {keep!r}.")
+        check_int("keep", keep)
         if keep < 1:
             raise ValueError(f"keep must be >= 1 snapshot per group, got {keep}.")
-        if isinstance(poll_seconds, bool) or not isinstance(poll_seconds, numbers.Real):
+        if not is_number(poll_seconds):
             raise TypeError(f"poll_seconds must be a number, got {poll_seconds!r}.")
         if not (math.isfinite(poll_seconds) and poll_seconds > 0):
             raise ValueError(f"poll_seconds must be a finite number > 0, got {poll_seconds}.")
@@ -397,11 +396,10 @@ class StaleWeightsExchange(Exchange):
         peer_timeout: float = 300.0,
         on_stale: str = "keep",
     ):
-        for name, value in (("every", every), ("group", group), ("num_groups", num_groups)):
-            if value is None and name == "num_groups":
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}.")
+        check_int("every", every)
+        check_int("group", group)
+        if num_groups is not None:
+            check_int("num_groups", num_groups)
         if every < 0:
             raise ValueError(f"exchange every must be >= 0 steps (0: never refresh), got {every}.")
         if num_groups is not None and num_groups < 1:
@@ -413,7 +411,7 @@ class StaleWeightsExchange(Exchange):
             )
         if on_stale not in ON_STALE:
             raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}.")
-        if isinstance(peer_timeout, bool) or not isinstance(peer_timeout, numbers.Real):
+        if not is_number(peer_timeout):
             raise TypeError(f"peer_timeout must be a number of seconds, got {peer_timeout!r}.")
         if not math.isfinite(peer_timeout):
             raise ValueError(f"peer_timeout must be a finite number of seconds, got {peer_timeout}.")
@@ -570,8 +568,7 @@ class StaleWeightsExchange(Exchange):
                 )
         active = seen and not (stale and self.on_stale == "drop")
         self._scale.assign(1.0 if active else 0.0)
-        steps = [step - s for s in self._snapshot_step.values() if s is not None]
-        self._staleness.assign(float(max(steps)) if steps else 0.0)
+        self.tick(step)
 
     def tick(self, step: int) -> None:
         """Between refreshes: only the staleness (steps since the copies were taken) moves."""
