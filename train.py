@@ -20,7 +20,6 @@ import dataclasses
 import errno
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from tf_codistill import backup as backup_mod  # noqa: E402
 from tf_codistill.backup import BackupError  # noqa: E402
+from tf_codistill.checks import is_int, is_number  # noqa: E402
 from tf_codistill.model import PeerFailureError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -204,8 +204,8 @@ class TrainConfig:
             kind = f.type.split(" |")[0]  # "int", "float", "str" (or "str | None")
             if value is None and f.type.endswith("| None"):
                 continue
-            types, what = _FIELD_TYPES[kind]
-            if isinstance(value, bool) or not isinstance(value, types):
+            accepts, what = _FIELD_TYPES[kind]
+            if not accepts(value):
                 raise TypeError(f"--{f.name} must be {what}, got {value!r}.")
             if kind == "float" and not math.isfinite(value):  # nan fails every comparison below
                 bad(f"--{f.name} must be a finite number, got {value}.")
@@ -397,9 +397,9 @@ class TrainConfig:
 
 
 _FIELD_TYPES = {
-    "int": (numbers.Integral, "an integer"),
-    "float": (numbers.Real, "a number"),
-    "str": (str, "a string"),
+    "int": (is_int, "an integer"),
+    "float": (is_number, "a number"),
+    "str": (lambda value: isinstance(value, str), "a string"),
 }
 
 

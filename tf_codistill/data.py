@@ -252,7 +252,7 @@ def train_batches(
     _check_batch_size(batch_size)
     _check_part("shard", shard)
     _check_part("slice_of", slice_of)
-    if isinstance(skip_batches, bool) or not isinstance(skip_batches, int) or skip_batches < 0:
+    if not (is_int(skip_batches) and skip_batches >= 0):
         raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
     ds = _split(spec, spec.train_split, data_dir, shard)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
