@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, python_env
 
 import train
+from tf_codistill import runner
 
 TINY = dict(dataset="mnist1d", model="cnn1d", batch_size=64, steps=40, warmup_epochs=0.1, verbose=0)
 
@@ -58,8 +59,8 @@ def test_paper_fix_settings_apply_to_the_codistillation_arm_only():
     config = train.TrainConfig(
         **TINY, lr_milestones="goyal", codistill_lr_milestones="delayed", codistill_wd_schedule="paper"
     )
-    _, _, lr_sync, wd_sync, _ = train._arm_settings(config, "sync", 450, 10)
-    _, batch, lr_co, wd_co, _ = train._arm_settings(config, "codistill", 450, 10)
+    _, _, lr_sync, wd_sync, _ = runner._arm_settings(config, "sync", 450, 10)
+    _, batch, lr_co, wd_co, _ = runner._arm_settings(config, "codistill", 450, 10)
     assert lr_sync.boundaries == [150, 300, 400] and lr_co.boundaries == [180, 380, 440]
     assert wd_sync == pytest.approx(1e-4)
     assert [float(wd_co(s)) for s in (0, 180, 380)] == pytest.approx([1e-4, 1e-5, 0.0])
