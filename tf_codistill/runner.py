@@ -12,6 +12,7 @@ import time
 import keras
 
 from tf_codistill import backup as backup_mod
+from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
 from tf_codistill.report import _traffic, format_table, plot_histories
 
@@ -128,201 +129,182 @@ class StepLogger(keras.callbacks.Callback):
         self._file.close()
 
 
-@dataclasses.dataclass
-class Runtime:
-    """Where an arm runs: one process (all groups local), or this process's
-    place in a Horovod job with its group's strategy."""
+class StopAtStep(keras.callbacks.Callback):
+    """Ends training after exactly `total_steps` updates: the last epoch is
+    cut short when the run is not a whole number of epochs."""
 
-    topology: object = None
-    strategy: object = None
-    pair_set: object = None
-    group_set: object = None
+    def __init__(self, total_steps: int):
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
+            self.model.stop_training = True
+
+
+# ------------------------------------------------------------------------- plan
+@dataclasses.dataclass(frozen=True)
+class ArmPlan:
+    """Everything decided about one arm before anything is built."""
+
+    arm: str
+    runtime: runtime_mod.Runtime
+    batch: int  # examples per model (group) per step
+    steps_per_epoch: int
+    total_steps: int  # updates per model, exactly
+    epochs: int
+    directory: str
+    tag: str  # "" in one process, ".rank<r>" in a job: per-process log names
+    writes_logs: bool  # the group's chief writes TensorBoard and the CSV
 
     @property
-    def distributed(self) -> bool:
-        return self.topology is not None
-
-    @property
-    def world_size(self) -> int:
-        return self.topology.world_size if self.distributed else 1
+    def groups(self) -> int:
+        return self.runtime.num_groups
 
 
-def start_runtime(config: TrainConfig) -> Runtime:
-    """Joins the Horovod job and builds this group's strategy. Runs before any
-    other TensorFlow op (MultiWorkerMirroredStrategy requires it)."""
-    from tf_codistill import topology
-
-    # A TFJob's workers (cloud TF_CONFIG) set up Horovod themselves; no-op under horovodrun.
-    topology.bootstrap_from_tf_config(config.collective_timeout)
-    groups = 1 if config.mode == "sync" or config.separate_group() else config.num_groups
-    topo, group_set, pair_set = topology.init_horovod(groups, config.collective_timeout)
-    strategy = topology.make_group_strategy(topo, config.collective_timeout)
-    return Runtime(topology=topo, strategy=strategy, pair_set=pair_set, group_set=group_set)
-
-
-def _exchange_plan(config: TrainConfig, runtime: Runtime, groups: int):
-    """Which groups this process trains, how to build its exchange (a
-    function: it must run under the strategy's scope), and its data seed."""
-    exchange_kind = config.resolved_exchange()
-    if groups == 1:
-        own = [runtime.topology.group] if runtime.distributed else [0]
-        return own, lambda: None, config.seed
-    if exchange_kind == "weights":
-        from tf_codistill.exchange import weights
-
-        if config.separate_group():
-            group = config.group
-            writer = not runtime.distributed or runtime.topology.rank == 0
-            transport = weights.DirectoryTransport(config.exchange_dir, writer=writer)
-        elif runtime.distributed:
-            group = runtime.topology.group
-            transport = weights.HorovodWeightsTransport(runtime.topology, runtime.pair_set, runtime.group_set)
-        else:
-            group, transport = 0, weights.LocalTransport()
-
-        def make():
-            return weights.StaleWeightsExchange(
-                config.exchange_every,
-                transport,
-                group=group,
-                num_groups=groups,
-                peer_timeout=config.peer_timeout,
-                on_stale=config.on_stale,
-            )
-
-        if config.separate_group() or runtime.distributed:
-            return [group], make, config.seed + 1000 * group  # each group its own data order
-        return list(range(groups)), make, config.seed
-    if runtime.distributed:
-        from tf_codistill.exchange import HorovodExchange
-
-        return (
-            [runtime.topology.group],
-            lambda: HorovodExchange(runtime.topology, runtime.pair_set),
-            config.seed,
-        )
-    return list(range(groups)), lambda: None, config.seed
+def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
+    """The runtime of one arm: joins the job on the first call in a
+    multi-process launch (before any other TensorFlow op)."""
+    exchange = config.resolved_exchange()
+    codistill = arm == "codistill"
+    separate = codistill and config.separate_group()
+    return runtime_mod.init(
+        num_groups=config.num_groups if codistill else 1,
+        exchange="weights" if exchange == "weights" else "predictions",
+        exchange_every=config.exchange_every,
+        exchange_dir=config.exchange_dir if separate else None,
+        group=config.group if separate else None,
+        data_mode=config.resolved_data_mode() if codistill and exchange == "local" else None,
+        seed=config.seed,
+        peer_timeout=config.peer_timeout,
+        on_stale=config.on_stale,
+        collective_timeout=config.collective_timeout,
+    )
 
 
-def _train_data(config, spec, runtime, groups, batch_per_model, seed, skip=0):
-    """Training batches for this process. Multi-process: every worker reads the
-    same stream of group batches (same seed in every group) and takes its
-    slice by rank in group, so paired workers read identical examples and a
-    group's workers together see what one process would."""
+def plan_arm(config: TrainConfig, arm: str, rt: runtime_mod.Runtime, num_train: int, workdir: str) -> ArmPlan:
+    steps_per_epoch, total_steps, epochs = config.run_length(num_train)
+    return ArmPlan(
+        arm=arm,
+        runtime=rt,
+        batch=config.batch_size // rt.num_groups,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        directory=os.path.join(workdir, arm),
+        tag=f".rank{rt.rank}" if rt.distributed else "",
+        writes_logs=rt.is_group_chief,
+    )
+
+
+# ------------------------------------------------------------------------ build
+def _train_data(config: TrainConfig, spec, plan: ArmPlan, skip: int):
     from tf_codistill import data
 
-    if not runtime.distributed:
-        if groups > 1 and config.resolved_data_mode() == "independent" and not config.separate_group():
-            return data.independent_batches(spec, batch_per_model, groups, seed, config.data_dir, skip)
-        return data.train_batches(spec, batch_per_model, seed, config.data_dir, skip_batches=skip)
-    topo = runtime.topology
+    def dataset_fn(seed):
+        return data.train_batches(spec, plan.batch, seed, config.data_dir, skip_batches=skip)
 
-    def dataset_fn(context):
-        where = (topo.rank_in_group, topo.group_size)
-        return data.train_batches(
-            spec, batch_per_model, seed, config.data_dir, slice_of=where, skip_batches=skip
-        )
-
-    return runtime.strategy.distribute_datasets_from_function(dataset_fn)
+    return plan.runtime.dataset(dataset_fn)
 
 
-def _test_data(config, spec, runtime):
+def _test_data(config: TrainConfig, spec, rt: runtime_mod.Runtime):
     from tf_codistill import data
 
-    if not runtime.distributed:
+    if not rt.distributed:
         return data.eval_batches(spec, 1000, config.data_dir)
-    topo = runtime.topology
-    usable = spec.num_test - spec.num_test % topo.group_size  # equal shards: equal step counts
+    usable = spec.num_test - spec.num_test % rt.group_size  # equal shards: equal step counts
 
     def dataset_fn(context):
-        return data.eval_batches(
-            spec, 500, config.data_dir, shard=(topo.rank_in_group, topo.group_size), limit=usable
-        )
+        shard = (context.input_pipeline_id, context.num_input_pipelines)
+        return data.eval_batches(spec, 500, config.data_dir, shard=shard, limit=usable)
 
-    return runtime.strategy.distribute_datasets_from_function(dataset_fn)
+    return rt.eval_dataset(dataset_fn)
 
 
-def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime | None = None):
-    """Trains and evaluates one arm. Returns (results.json run entry, history);
-    in a multi-process job the entry describes this process's group."""
-    from models import build_model, count_params
+def _optimizer(config: TrainConfig, lr):
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    return keras.optimizers.Adam(lr)
+
+
+def default_model_fn(config: TrainConfig):
+    """`(spec, seed) -> keras.Model` from the `models/` registry (--model)."""
+    from models import build_model
+
+    def model_fn(spec, seed):
+        return build_model(config.model, spec.input_shape, spec.num_classes, seed=seed)
+
+    return model_fn
+
+
+def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
+    """Trains and evaluates one arm. Returns (results.json run entry, history,
+    backup); in a multi-process job the entry describes this process's group."""
+    from models import count_params
     from tf_codistill import CodistillModel
 
-    runtime = runtime or Runtime()
-    strategy = runtime.strategy or tf_default_strategy()
-    steps_per_epoch, total_steps, epochs = config.run_length(spec.num_train)
-    groups, batch, lr, wd, alpha = _arm_settings(config, arm, total_steps, steps_per_epoch)
-    local_groups, make_exchange, data_seed = _exchange_plan(config, runtime, groups)
-
-    arm_dir = os.path.join(workdir, arm)
-    os.makedirs(arm_dir, exist_ok=True)
+    rt = plan.runtime
+    model_fn = model_fn or default_model_fn(config)
+    _, _, lr, wd, alpha = _arm_settings(config, plan.arm, plan.total_steps, plan.steps_per_epoch)
+    os.makedirs(plan.directory, exist_ok=True)
     timer = TrainTimer()
-    backup = _make_backup(config, runtime, arm_dir, timer)
+    backup = _make_backup(config, plan, timer)
     # A resumed run reads on from where the backup's epoch ended.
     resume_epoch = backup.resume_epoch() if backup is not None else None
-    skip = (resume_epoch or 0) * steps_per_epoch
+    skip = (resume_epoch or 0) * plan.steps_per_epoch
 
     # Datasets first: tf.data shuffles depend on TF's global seed too, which
     # building each member with its own seed changes.
     keras.utils.set_random_seed(config.seed)
-    train_ds = _train_data(config, spec, runtime, groups, batch, data_seed, skip)
-    test_ds = _test_data(config, spec, runtime)
-    with strategy.scope():
-        exchange = make_exchange()
-        members = [
-            build_model(config.model, spec.input_shape, spec.num_classes, seed=config.seed * 1000 + g)
-            for g in local_groups
-        ]
+    train_ds = _train_data(config, spec, plan, skip)
+    test_ds = _test_data(config, spec, rt)
+    with rt.scope():
+        exchange = rt.exchange()
+        members = rt.members(lambda g: model_fn(spec, config.seed * 1000 + g))
         model = CodistillModel(
             members,
             distance=config.distance,
             temperature=config.temperature,
             alpha=alpha,
-            data_mode=config.resolved_data_mode() if len(local_groups) > 1 else "shared",
+            data_mode=rt.data_mode,
             exchange=exchange,
             weight_decay=wd,
             num_classes=spec.num_classes,
-            name=arm,
+            name=plan.arm,
         )
-        if config.optimizer == "sgd":
-            optimizer = keras.optimizers.SGD(lr, momentum=0.9)
-        else:
-            optimizer = keras.optimizers.Adam(lr)
         model.compile(
-            optimizer=optimizer, metrics=["accuracy"], steps_per_execution=config.steps_per_execution
+            optimizer=_optimizer(config, lr),
+            metrics=["accuracy"],
+            steps_per_execution=config.steps_per_execution,
         )
 
-    tag = ""
-    if runtime.distributed:
-        tag = f".rank{runtime.topology.rank}"
     # The backup first: it restores the step before the loggers open their
     # files, and they rewrite them to end where the backup does.
     callbacks = [backup] if backup is not None else []
-    callbacks.append(timer)
-    if not runtime.distributed or runtime.topology.is_group_chief:
-        tb_dir = os.path.join(arm_dir, "tensorboard")
-        if runtime.distributed:
-            tb_dir = os.path.join(tb_dir, f"group{runtime.topology.group}")
+    callbacks += [timer, StopAtStep(plan.total_steps)]
+    if plan.writes_logs:
+        tb_dir = os.path.join(plan.directory, "tensorboard")
+        if rt.distributed:
+            tb_dir = os.path.join(tb_dir, f"group{rt.group}")
         callbacks += [
-            keras.callbacks.TensorBoard(tb_dir, update_freq=max(1, steps_per_epoch // 4)),
-            ResumableCSVLogger(os.path.join(arm_dir, f"history{tag}.csv"), backup),
+            keras.callbacks.TensorBoard(tb_dir, update_freq=max(1, plan.steps_per_epoch // 4)),
+            ResumableCSVLogger(os.path.join(plan.directory, f"history{plan.tag}.csv"), backup),
         ]
-    callbacks.append(StepLogger(os.path.join(arm_dir, f"steps{tag}.jsonl"), backup))
-    where = f"rank {runtime.topology.rank} (group {runtime.topology.group}) " if runtime.distributed else ""
+    callbacks.append(StepLogger(os.path.join(plan.directory, f"steps{plan.tag}.jsonl"), backup))
+    where = f"rank {rt.rank} (group {rt.group}) " if rt.distributed else ""
     print(
-        f"[{arm}] {where}{groups} group(s) x batch {batch}, {epochs * steps_per_epoch} updates per model "
-        f"({epochs} epochs of {steps_per_epoch} steps), model {config.model} on {spec.name}",
+        f"[{plan.arm}] {where}{plan.groups} group(s) x batch {plan.batch}, {plan.total_steps} updates per "
+        f"model ({plan.epochs} epochs of {plan.steps_per_epoch} steps), {members[0].name} on {spec.name}",
         flush=True,
     )
-    verbose = config.verbose if not runtime.distributed or runtime.topology.rank == 0 else 0
     start = time.perf_counter()
     history = model.fit(
         train_ds,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
+        epochs=plan.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
         validation_data=test_ds,
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=config.verbose if rt.is_chief else 0,
         shuffle=False,
     ).history
     wall = time.perf_counter() - start
@@ -335,8 +317,8 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
 
     num_params = count_params(members[0])
     per_group = []
-    for i, g in enumerate(local_groups):
-        prefix = f"g{i}_" if len(local_groups) > 1 else ""
+    for i, g in enumerate(rt.local_groups):
+        prefix = f"g{i}_" if len(rt.local_groups) > 1 else ""
         per_group.append(
             {
                 "group": g,
@@ -345,45 +327,44 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
                 "train_loss": float(history[f"{prefix}task_loss"][-1]),
             }
         )
-    steps_run = epochs * steps_per_epoch
-    world = runtime.world_size
+    steps_run = int(model.optimizer.iterations.numpy())
     in_group, cross_group, sent, equivalent = _traffic(
-        config, runtime, exchange, groups, batch, spec, num_params
+        config, rt, exchange, plan.groups, plan.batch, spec, num_params
     )
     ensemble = final.get("ensemble_accuracy")
     entry = {
-        "arm": arm,
-        "num_groups": groups,
-        "world_size": world,
+        "arm": plan.arm,
+        "num_groups": plan.groups,
+        "world_size": rt.world_size,
         "exchange": (exchange.name if exchange else "local")
-        if groups > 1
-        else ("allreduce" if world > 1 else "none"),
-        "data_mode": config.resolved_data_mode() if groups > 1 else "shared",
+        if plan.groups > 1
+        else ("allreduce" if rt.world_size > 1 else "none"),
+        "data_mode": rt.data_orders if plan.groups > 1 else "shared",
         "dataset": spec.name,
         "model": config.model,
         "seed": config.seed,
         "steps": steps_run,
-        "epochs": epochs,
-        "batch_size_per_group": batch,
+        "epochs": plan.epochs,
+        "batch_size_per_group": plan.batch,
         "groups": per_group,
-        "ensemble_test_accuracy": float(ensemble) if ensemble is not None and groups > 1 else None,
+        "ensemble_test_accuracy": float(ensemble) if ensemble is not None and plan.groups > 1 else None,
         "bytes_sent_per_step": float(sent),
         "bytes_in_group_per_step": float(in_group),
         "bytes_cross_group_per_step": float(cross_group),
         "bytes_equivalent_per_step": float(equivalent),
         "params_per_model": num_params,
-        "examples_per_second": steps_run * batch * len(local_groups) / max(timer.seconds, 1e-9),
+        "examples_per_second": steps_run * plan.batch * len(rt.local_groups) / max(timer.seconds, 1e-9),
         "wall_seconds": wall,
         "train_seconds": timer.seconds,
     }
-    if runtime.distributed:
+    if rt.distributed:
         entry["examples_per_second"] = steps_run * config.batch_size / max(timer.seconds, 1e-9)
         entry["weights_checksum"] = float(
             sum(float(v.numpy().astype("float64").sum()) for v in members[0].weights)
         )
         if os.path.isdir("/proc/self/task"):
             entry["threads"] = len(os.listdir("/proc/self/task"))
-    if groups > 1:
+    if plan.groups > 1:
         entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
     if exchange is not None and exchange.name == "weights":
         entry["exchange"] = f"weights/{exchange.transport.name}"
@@ -397,26 +378,25 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
     if backup is not None:
         entry["resumed_from_epoch"] = backup.restored_epoch
         entry["backup_seconds"] = backup.save_seconds
-    if not runtime.distributed or runtime.topology.is_group_chief:
-        with open(os.path.join(arm_dir, f"history{tag}.json"), "w") as f:
+    if plan.writes_logs:
+        with open(os.path.join(plan.directory, f"history{plan.tag}.json"), "w") as f:
             json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
     return entry, history, backup
 
 
-def _make_backup(config: TrainConfig, runtime: Runtime, arm_dir: str, timer: TrainTimer):
+def _make_backup(config: TrainConfig, plan: ArmPlan, timer: TrainTimer):
     """This process's `Backup` (None with --backup_keep=0). Processes of one
     job each keep their own and agree on the epoch to resume from."""
     if config.backup_keep == 0:
         return None
-    directory = os.path.join(arm_dir, "backup")
+    rt = plan.runtime
+    directory = os.path.join(plan.directory, "backup")
     agree = None
-    if runtime.distributed:
-        from tf_codistill import topology
-
-        directory = os.path.join(directory, f"rank{runtime.topology.rank}")
-        agree = topology.agree_on_epoch
-    elif config.separate_group():
-        directory = os.path.join(directory, f"group{config.group}")
+    if rt.distributed:
+        directory = os.path.join(directory, f"rank{rt.rank}")
+        agree = rt.agree_on_epoch
+    elif rt.separate_group:
+        directory = os.path.join(directory, f"group{rt.group}")
     started = time.perf_counter()
     backup = None
 
@@ -437,25 +417,28 @@ def _make_backup(config: TrainConfig, runtime: Runtime, arm_dir: str, timer: Tra
     return backup
 
 
-def tf_default_strategy():
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy()
-
-
-def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
+# -------------------------------------------------------------------------- run
+def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict:
     """Runs the configured arms and writes results.json, the plot and logs.
 
-    Under Horovod (`--exchange=horovod`, or launched by tf_codistill.launch)
+    In a multi-process launch (horovodrun, the project launcher, a TFJob)
     this process joins the job and trains its group's model; rank 0 gathers
     every group's results and writes the files.
+
+    Args:
+        config: the settings (`config.validate()` is called here).
+        workdir: where results, logs and plots go.
+        model_fn: `(spec, seed) -> keras.Model` building one member; default
+            the `models/` registry entry named by `config.model`.
 
     Raises:
         ValueError: a bad setting, before anything is trained.
     """
     config.validate()
-    runtime = start_runtime(config) if config.under_horovod() else Runtime()
-    from models import build_model
+    arms = config.arms()
+    # Joins a multi-process job before any other TensorFlow op (one arm per job).
+    runtimes = {arm: arm_runtime(config, arm) for arm in arms}
+    first = runtimes[arms[0]]
     from tf_codistill import data
 
     spec = data.load_spec(config.dataset, config.data_dir, config.train_fraction)
@@ -465,37 +448,38 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             "examples); lower it or raise --train_fraction."
         )
     for warning in config.check_run_length(spec.num_train):
-        if not runtime.distributed or runtime.topology.rank == 0:
+        if first.is_chief:
             print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
-    if config.batch_size % runtime.world_size:
+    if config.batch_size % first.world_size:
         raise ValueError(
-            f"--batch_size={config.batch_size} is not divisible by the {runtime.world_size} workers; "
+            f"--batch_size={config.batch_size} is not divisible by the {first.world_size} workers; "
             "every worker takes batch_size / workers examples per step."
         )
-    if runtime.distributed and runtime.topology.group_size > 1 and config.steps_per_execution > 1:
+    if first.group_size > 1 and config.steps_per_execution > 1:
         raise ValueError(
             "--steps_per_execution > 1 fails inside Keras 3.15 under MultiWorkerMirroredStrategy "
             "(a placeholder in the multi-step loop is never fed); use 1 for groups of several workers."
         )
-    probe = build_model(config.model, spec.input_shape, spec.num_classes)
+    model_fn = model_fn or default_model_fn(config)
+    probe = model_fn(spec, 0)
     data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
     del probe
 
     os.makedirs(workdir, exist_ok=True)
-    is_writer = not runtime.distributed or runtime.topology.rank == 0
-    if is_writer:
+    if first.is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=1)
     runs, histories, backups = [], {}, []
-    for arm in config.arms():
-        entry, history, backup = run_arm(config, arm, spec, workdir, runtime)
-        if runtime.distributed:
-            entry = _merge_ranks(entry, runtime)
+    for arm in arms:
+        plan = plan_arm(config, arm, runtimes[arm], spec.num_train, workdir)
+        entry, history, backup = run_arm(config, plan, spec, model_fn)
+        if plan.runtime.distributed:
+            entry = _merge_ranks(entry, plan.runtime)
         runs.append(entry)
         histories[arm] = history
         backups.append(backup)
     results = {"runs": runs}
-    if is_writer:
+    if first.is_chief:
         path = os.path.join(workdir, "results.json")
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
@@ -514,15 +498,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     return results
 
 
-def _merge_ranks(entry: dict, runtime: Runtime) -> dict:
+def _merge_ranks(entry: dict, rt: runtime_mod.Runtime) -> dict:
     """Gathers every rank's entry; one entry for the job, groups from the
     group chiefs, per-rank weight checksums under "ranks"."""
-    import horovod.tensorflow as hvd
-
-    topo = runtime.topology
-    everyone = hvd.allgather_object({"rank": topo.rank, "group": topo.group, **entry}, name="results")
+    everyone = rt.gather({"rank": rt.rank, "group": rt.group, "chief": rt.is_group_chief, **entry})
     merged = dict(entry)
-    chiefs = sorted((e for e in everyone if e["rank"] % topo.group_size == 0), key=lambda e: e["group"])
+    chiefs = sorted((e for e in everyone if e["chief"]), key=lambda e: e["group"])
     merged["groups"] = [e["groups"][0] for e in chiefs]
     merged["ranks"] = [
         {

@@ -572,3 +572,11 @@ def bootstrap_from_tf_config(timeout_s: float = 120.0) -> bool:
         os.environ.setdefault("HOROVOD_GLOO_IFACE", iface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
     return True
+
+
+def allgather_object(obj, name: str = "tf_codistill_gather") -> list:
+    """Every process's picklable `obj`, in rank order, on every process
+    (Horovod's global process set). Every process must call it at the same point."""
+    import horovod.tensorflow as hvd
+
+    return hvd.allgather_object(obj, name=name)

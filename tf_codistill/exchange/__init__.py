@@ -1,6 +1,7 @@
 """How peer predictions reach each member: one interface, several transports."""
 
 from tf_codistill.exchange.base import Exchange
+from tf_codistill.exchange.factory import make_exchange
 from tf_codistill.exchange.local import LocalExchange
 from tf_codistill.exchange.weights import (
     DirectoryTransport,
@@ -17,6 +18,7 @@ __all__ = [
     "LocalExchange",
     "LocalTransport",
     "StaleWeightsExchange",
+    "make_exchange",
 ]
 
 
