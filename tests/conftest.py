@@ -1,7 +1,10 @@
 """Shared fixtures. Tests run on CPU; TensorFlow's C++ logging is quietened."""
 
+import json
 import os
+import subprocess
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -77,3 +80,64 @@ def horovod_installed():
         import horovod.tensorflow  # noqa: F401
     except ImportError:
         pytest.fail("Horovod is not installed: run `make horovod` (make test does it first).")
+
+
+# A local TFJob stand-in: plain processes with TF_CONFIG as the Kubeflow
+# Training Operator injects it; host names resolve to 127.0.0.1 through
+# TF_CODISTILL_HOST_ALIASES.
+def tfjob_env(job: str, num_workers: int, index: int, ports: list[int]) -> dict[str, str]:
+    """What the Training Operator gives worker `index` of TFJob `job` (plus the aliases)."""
+    hosts = [f"{job}-worker-{i}.ns.svc" for i in range(num_workers)]
+    tf_config = {
+        "cluster": {"worker": [f"{h}:{p}" for h, p in zip(hosts, ports)]},
+        "task": {"type": "worker", "index": index},
+        "environment": "cloud",
+    }
+    env = worker_env()
+    for key in list(env):
+        if key.startswith("HOROVOD_"):
+            del env[key]
+    env.update(
+        TF_CONFIG=json.dumps(tf_config),
+        TF_CODISTILL_HOST_ALIASES=",".join(f"{h}=127.0.0.1" for h in hosts),
+    )
+    return env
+
+
+def run_tfjobs(
+    jobs: list[tuple[str, int, list[str]]], timeout: float = 180, program: str = "train.py"
+) -> list[tuple]:
+    """Starts every worker of every job (name, workers, program args) at once;
+    returns (job, index, returncode, output) per worker. All are killed at the deadline."""
+    procs = []
+    for job, n, args in jobs:
+        from tf_codistill.topology import free_port
+
+        ports = [free_port() for _ in range(n)]
+        for i in range(n):
+            proc = subprocess.Popen(
+                [sys.executable, program, *args],
+                cwd=REPO,
+                env=tfjob_env(job, n, i, ports),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            procs.append((job, i, proc))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for job, i, proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                results.append((job, i, proc.returncode, out))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                results.append((job, i, "timeout", out))
+    finally:
+        for _, _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

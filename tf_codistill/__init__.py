@@ -33,13 +33,16 @@ _EXPORTS = {
     "get_distance": "tf_codistill.losses",
     "paper_weight_decay": "tf_codistill.schedules",
 }
+_MODULES = ("runtime", "exchange", "data", "losses", "schedules")
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"tf_codistill.{name}")
     raise AttributeError(f"module 'tf_codistill' has no attribute {name!r}")
 
 

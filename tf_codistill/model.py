@@ -353,6 +353,14 @@ class CodistillModel(keras.Model):
             raise ValueError(f"member index must be in [0, {self.num_local_members}), got {index}.")
         self.members[index].save(path)
 
+    def member_scores(self, logs: dict, name: str = "accuracy") -> list[float]:
+        """Metric `name` of every local member, in order, from the dict that
+        `evaluate(..., return_dict=True)` (or `fit`'s logs) returned: `name`
+        with one member, `g<i>_<name>` with several."""
+        if self.num_local_members == 1:
+            return [float(logs[name])]
+        return [float(logs[f"g{i}_{name}"]) for i in range(self.num_local_members)]
+
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus the callbacks the exchange needs (for
         example the stale-weights refresh)."""

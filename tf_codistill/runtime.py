@@ -155,7 +155,8 @@ class Runtime:
             dataset_fn: `seed -> tf.data.Dataset` of endless `(x, y)` batches
                 of one group's batch size, whose order depends only on `seed`
                 (e.g. `shuffle(..., seed=seed)`). It is called once per group
-                this process trains with that group's seed.
+                this process trains with that group's seed, after TensorFlow's
+                global seed is set to the runtime's base seed.
 
         Returns:
             What `fit` takes: one process with independent data, a dataset of
@@ -169,6 +170,10 @@ class Runtime:
 
         if not callable(dataset_fn):
             raise TypeError(f"dataset_fn must be a function seed -> tf.data.Dataset, got {dataset_fn!r}.")
+        # tf.data shuffles depend on TensorFlow's global seed as well as their
+        # own: fix it, so that the order depends on the seed alone and not on
+        # what this process did before (e.g. seeding each member's weights).
+        tf.random.set_seed(self.seed)
         if self.data_mode == "independent":
             streams = [_checked(dataset_fn(self.group_seed(g)), "dataset_fn") for g in self.local_groups]
             zipped = tf.data.Dataset.zip(tuple(streams))
