@@ -212,7 +212,11 @@ def test_a_killed_group_is_survived_and_rejoins_after_restart(tmp_path, data_dir
         log0.close()
         log1.close()
     out0 = (tmp_path / "g0.log").read_text()
-    assert out0.count("peer group 1 is stale") == 1 and "peer group 1 is back" in out0
+    # Once per outage, not once per step. A loaded machine can stall the
+    # restarted group past --peer_timeout again: each extra warning must then
+    # be answered by a "back".
+    stale, back = out0.count("peer group 1 is stale"), out0.count("peer group 1 is back")
+    assert 1 <= stale <= back + 1 and back >= 1, out0[-3000:]
     assert "[backup] resumed from epoch" in (tmp_path / "g1.restart.log").read_text()
     scale = [json.loads(line)["peer_scale"] for line in open(tmp_path / "g0" / "codistill" / "steps.jsonl")]
     assert 0.0 in scale and scale[-1] == 1.0  # dropped while stale, restored once back
