@@ -419,7 +419,11 @@ STUDY = 'name = "s"\nseeds = [0]\n[common]\nsteps = 10\n[[arms]]\nlabel = "a"\nm
         (STUDY.replace("steps = 10", "stesp = 10"), "[common] has `stesp`, which is not a train.py flag"),
         (STUDY.replace("steps = 10", "seed = 3"), "sets `seed`, which the study runner sets"),
         (STUDY + 'workdir = "x"\n', "arm 'a' sets `workdir`"),
-        (STUDY + "alpha = nan\n", "`alpha` must be a finite number"),
+        (STUDY + "alpha = nan\n", "arm 'a': --alpha must be a finite number, got nan"),
+        (STUDY.replace("steps = 10", 'steps = "10"'), "[common]: --steps must be an integer, got '10'"),
+        (STUDY.replace("steps = 10", "steps = -10"), "[common]: --steps must be >= 0, got -10"),
+        (STUDY + 'optimizer = "sgdd"\n', "--optimizer must be sgd or adam; got 'sgdd'"),
+        (STUDY + 'lr_milestones = "0.5,0.2"\n', "--lr_milestones='0.5,0.2': give goyal or delayed"),
         (
             STUDY.replace("seeds = [0]", "seeds = [true]"),
             "`seeds` must be a non-empty list of distinct integers",
@@ -448,6 +452,8 @@ def test_study_file_errors(text, message, tmp_path):
         ("--seeds=a,b", "give integers separated by commas"),
         ("--set=steps", "give key=value"),
         ("--set=stesp=5", "`stesp` is not a train.py flag"),
+        ("--set=alpha=abc", "--set='alpha=abc': --alpha must be a number, got 'abc'"),
+        ("--set=num_groups=0", "--num_groups must be >= 1, got 0"),
     ],
 )
 def test_study_command_line_errors(flag, message, tmp_path, capsys):

@@ -43,6 +43,8 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
+from tf_codistill import config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ["load_study", "run_study", "main"]
@@ -51,13 +53,9 @@ __all__ = ["load_study", "run_study", "main"]
 _RUNNER_FLAGS = ("seed", "workdir", "verbose")
 
 
-def train_flags() -> set[str]:
-    """The flag names train.py defines (read from its source: importing it loads TensorFlow)."""
-    with open(os.path.join(REPO, "train.py")) as f:
-        return set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read()))
-
-
-def _check_settings(path: str, where: str, settings: dict, known: set[str]) -> None:
+def _check_settings(path: str, where: str, settings: dict) -> None:
+    """Each key must be a train.py setting the study may set, with a value that
+    setting accepts (tf_codistill/config.py checks both)."""
     for key, value in settings.items():
         if key == "label" and where != "[common]":
             continue
@@ -66,12 +64,14 @@ def _check_settings(path: str, where: str, settings: dict, known: set[str]) -> N
                 f"{path}: {where} sets `{key}`, which the study runner sets for every run; "
                 "use `seeds` (and --out) instead."
             )
-        if key not in known:
+        if key not in config.SETTINGS:
             raise ValueError(f"{path}: {where} has `{key}`, which is not a train.py flag.")
         if isinstance(value, (dict, list)):
             raise ValueError(f"{path}: {where} `{key}` must be a single value, got {value!r}.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{path}: {where} `{key}` must be a finite number, got {value}.")
+        try:
+            config.check_setting(key, value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {where}: {err}") from None
 
 
 def load_study(path: str) -> dict:
@@ -110,10 +110,9 @@ def load_study(path: str) -> dict:
     study.setdefault("common", {})
     if not isinstance(study["common"], dict):
         raise ValueError(f"{path}: `common` must be a table ([common] section) of train.py flags.")
-    known = train_flags()
-    _check_settings(path, "[common]", study["common"], known)
+    _check_settings(path, "[common]", study["common"])
     for arm in arms:
-        _check_settings(path, f"arm {arm['label']!r}", arm, known)
+        _check_settings(path, f"arm {arm['label']!r}", arm)
     study["path"] = path
     return study
 
@@ -311,13 +310,17 @@ def main(argv=None) -> int:
                 ) from None
             if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
                 raise ValueError(f"--seeds={args.seeds!r}: give distinct integers >= 0.")
-        known = train_flags()
         for item in args.set:
-            key, eq, value = item.partition("=")
+            key, eq, text = item.partition("=")
             if not eq or not key:
                 raise ValueError(f"--set={item!r}: give key=value, e.g. --set steps=500.")
-            if key not in known or key in _RUNNER_FLAGS:
+            if key not in config.SETTINGS or key in _RUNNER_FLAGS:
                 raise ValueError(f"--set={item!r}: `{key}` is not a train.py flag the study can set.")
+            try:
+                value = config.parse_setting(key, text)
+                config.check_setting(key, value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--set={item!r}: {err}") from None
             overrides[key] = value
     except ValueError as err:
         print(f"study: error: {err}", file=sys.stderr)
