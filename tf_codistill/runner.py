@@ -13,7 +13,7 @@ import keras
 
 from tf_codistill import backup as backup_mod
 from tf_codistill.config import TrainConfig, parse_milestones
-from tf_codistill.report import _traffic, format_table, plot_histories
+from tf_codistill.report import EpochLine, _traffic, format_table, keras_verbose, plot_histories
 
 
 # --------------------------------------------------------------------------- arms
@@ -315,6 +315,7 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         flush=True,
     )
     verbose = config.verbose if not runtime.distributed or runtime.topology.rank == 0 else 0
+    callbacks.append(EpochLine(epochs, verbose))  # --verbose=2: one short line per epoch
     start = time.perf_counter()
     history = model.fit(
         train_ds,
@@ -322,7 +323,7 @@ def run_arm(config: TrainConfig, arm: str, spec, workdir: str, runtime: Runtime 
         steps_per_epoch=steps_per_epoch,
         validation_data=test_ds,
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=keras_verbose(verbose),
         shuffle=False,
     ).history
     wall = time.perf_counter() - start

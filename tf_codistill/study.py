@@ -196,45 +196,11 @@ def _fmt(mean, std, digits=4):
 
 
 def _plot(study: dict, rows: list[dict], path: str) -> None:
-    import matplotlib
+    """Each arm's seeds: mean ± standard error per epoch (report.plot_runs)."""
+    from tf_codistill.report import plot_runs  # loads Keras: only once the runs are done
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm in study["arms"]:
-        runs = [r for r in rows if r["arm"] == arm["label"]]
-        for key, ax in (("val_accuracy", ax_acc), ("task_loss", ax_loss)):
-            curves = [r["history"][key] for r in runs if key in r["history"]]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            data = np.array([c[:length] for c in curves])
-            epochs = np.arange(1, length + 1)
-            mean, std = data.mean(0), data.std(0)
-            (line,) = ax.plot(epochs, mean, label=arm["label"])
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax_acc.set(
-        xlabel="epoch (of the sync arm; equal updates per model)",
-        ylabel="test accuracy",
-        title="test accuracy",
-    )
-    fig.suptitle(study["title"])
-    ax_loss.set(
-        xlabel="epoch (of the sync arm; equal updates per model)",
-        ylabel="training task loss",
-        title="training loss",
-        yscale="log",
-    )
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    finals = [r["test_accuracy"] for r in rows]
-    ax_acc.set_ylim(max(0.0, min(finals) - 0.1), min(1.0, max(finals) + 0.02))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runs = {arm["label"]: [r["history"] for r in rows if r["arm"] == arm["label"]] for arm in study["arms"]}
+    plot_runs(runs, path, title=study["title"])
 
 
 def _study_report(study: dict, rows: list[dict], out_dir: str) -> list[str]:
