@@ -188,17 +188,31 @@ def plot_runs(
             if len(curves) > 1:
                 se = data.std(0, ddof=1) / math.sqrt(len(curves))
                 ax.fill_between(epochs, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+    longest = max((len(h.get("task_loss", [])) for hs in runs.values() for h in hs), default=0)
+    if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
+        for ax in (ax_acc, ax_loss):
+            ax.set_xlim(0.5, longest + 0.5)
     seeds = max((len(h) for h in runs.values()), default=1)
     spread = f" (mean ± s.e. over {seeds} seeds)" if seeds > 1 else ""
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy (mean of a run's groups)", title="Test accuracy" + spread)
     ax_loss.set(
         xlabel=xlabel, ylabel="training task loss (log scale)", title="Training loss" + spread, yscale="log"
     )
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1.5, not 1.5 x 10^0
-    ax_loss.yaxis.set_major_formatter(plain)
-    ax_loss.yaxis.set_minor_formatter(plain)
+    # Log-scale ticks as plain numbers (1.5, not 1.5 x 10^0); over more than a
+    # decade only 2s and 5s between the powers of ten, so that labels stay apart.
+    low, high = ax_loss.get_ylim()
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax_loss.yaxis.set_minor_formatter(
+        FuncFormatter(
+            lambda value, _: (
+                f"{value:g}"
+                if high / low < 10 or round(value / 10 ** math.floor(math.log10(value))) in (2, 5)
+                else ""
+            )
+        )
+    )
     for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
