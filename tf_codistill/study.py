@@ -23,7 +23,7 @@ Every (arm, seed) is one `train.py` process writing to
 `<out>/<study>/<arm>/seed<k>`; a run whose `results.json` exists is not run
 again, so an interrupted study resumes. The report (`REPORT.md`), a CSV of
 every run and PNG plots (test accuracy and training loss against epochs,
-mean and spread across seeds) go to `<out>/<study>/`, and a combined
+mean ± standard error across seeds) go to `<out>/<study>/`, and a combined
 `<out>/REPORT.md` lists every study.
 """
 
