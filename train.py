@@ -15,7 +15,6 @@ TensorBoard logs (`<arm>/tensorboard`) and a per-epoch `<arm>/history.csv`.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import sys
@@ -24,95 +23,53 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 
 from absl import app, flags, logging  # noqa: E402
 
-from tf_codistill import backup as backup_mod  # noqa: E402
-from tf_codistill.backup import BackupError  # noqa: E402
-from tf_codistill.config import TrainConfig, check_directory  # noqa: E402
-from tf_codistill.model import PeerFailureError  # noqa: E402
-from tf_codistill.runner import train_and_evaluate  # noqa: E402
+# Settings only: TensorFlow is imported after the flags are parsed, so that
+# --help and flag errors answer at once.
+from tf_codistill import config as config_module  # noqa: E402
+from tf_codistill.config import TrainConfig, check_directory, define_flags  # noqa: E402
 
-__all__ = ["TrainConfig", "train_and_evaluate"]
+__all__ = ["TrainConfig", "train_and_evaluate"]  # noqa: F822 - train_and_evaluate: __getattr__, lazily
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "both", ["sync", "codistill", "both"], "Which arms to run.")
-flags.DEFINE_integer("num_groups", 2, "Groups (models) in the codistillation arm.")
-flags.DEFINE_enum(
-    "data_mode",
-    "auto",
-    ["auto", "shared", "independent"],
-    "Codistillation: every group sees the same batch (shared, the semantics of per-step "
-    "prediction exchange) or each draws its own (independent, the paper's setting). "
-    "auto: independent for the local exchange, shared for horovod.",
-)
-flags.DEFINE_enum(
-    "exchange",
-    "auto",
-    ["auto", "local", "horovod", "weights"],
-    "How groups exchange: local (all groups in this process, predictions every step), horovod "
-    "(one process per worker, predictions every step over Horovod), or weights (stale peer "
-    "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
-    "--exchange_dir). auto: horovod when launched under Horovod, else local.",
-)
-flags.DEFINE_integer("exchange_every", 50, "Weights exchange: refresh peer copies every K steps (0: never).")
-flags.DEFINE_string(
-    "exchange_dir", None, "Weights exchange through this shared directory; this job is group --group."
-)
-flags.DEFINE_integer("group", -1, "With --exchange_dir: which group this job trains, in [0, num_groups).")
-flags.DEFINE_float("peer_timeout", 300.0, "Weights exchange: seconds without news before a peer is stale.")
-flags.DEFINE_enum(
-    "on_stale", "keep", ["keep", "drop"], "A stale peer: keep its last copy, or drop alpha to 0."
-)
-flags.DEFINE_float(
-    "collective_timeout", 120.0, "Seconds any collective or rendezvous may wait before the job fails."
-)
-flags.DEFINE_string("dataset", "mnist1d", "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS's default when unset).")
-flags.DEFINE_float("train_fraction", 1.0, "Train on this fraction of the training split, in (0, 1].")
-flags.DEFINE_string("model", "cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50.")
-flags.DEFINE_integer("batch_size", 128, "Total batch per step over all groups (examples).")
-flags.DEFINE_integer("epochs", 60, "Epochs of the sync arm; codistillation takes as many updates.")
-flags.DEFINE_integer("steps", 0, "Total updates per model; overrides --epochs when > 0.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD with momentum 0.9, or Adam.")
-flags.DEFINE_float("base_lr", 0.4, "Learning rate per 256 examples of a model's batch (Goyal et al.).")
-flags.DEFINE_enum("lr_schedule", "step", ["step", "cosine", "constant"], "Learning-rate schedule.")
-flags.DEFINE_string(
-    "lr_milestones",
-    "goyal",
-    "Step decays (x0.1): 'goyal' (1/3, 2/3, 8/9 of the run), "
-    "'delayed' (the paper's fix, 18/38/44 of 45) or comma-separated fractions of the run.",
-)
-flags.DEFINE_string("codistill_lr_milestones", None, "Milestones for the codistillation arm only.")
-flags.DEFINE_float("warmup_epochs", 2.0, "Linear warmup length in (sync) epochs.")
-flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on kernels (the constant, or the first value).")
-flags.DEFINE_enum(
-    "wd_schedule",
-    "constant",
-    ["constant", "paper"],
-    "'paper': weight_decay, then /10 after the first lr decay, then 0 after the second.",
-)
-flags.DEFINE_enum(
-    "codistill_wd_schedule",
-    None,
-    ["constant", "paper"],
-    "Weight-decay schedule for the codistillation arm only.",
-)
-flags.DEFINE_float("alpha", 1.0, "Weight of the distillation term.")
-flags.DEFINE_enum("distance", "kl", ["mse", "kl", "reverse_kl"], "Distance to the peers' logits.")
-flags.DEFINE_float("temperature", 1.0, "Softmax temperature for the KL distances.")
-flags.DEFINE_integer("burn_in_steps", 0, "Steps with alpha = 0 at the start.")
-flags.DEFINE_integer("alpha_ramp_steps", 0, "Steps over which alpha ramps linearly up after burn-in.")
-flags.DEFINE_integer("seed", 0, "Seed for initial weights and data order, in [0, 4294967].")
+define_flags(FLAGS)  # one flag per TrainConfig field (tf_codistill/config.py)
+flags.adopt_module_key_flags(config_module)  # --help lists them as train.py's own
 flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
-flags.DEFINE_integer(
-    "steps_per_execution", 1, "Training steps per compiled call (Keras); logs are reduced once per call."
-)
-flags.DEFINE_integer(
-    "backup_keep",
-    2,
-    "Backups kept per process (written atomically at every epoch end; a rerun of the same command "
-    "resumes from the newest intact one). 0: no backups.",
-)
-flags.DEFINE_integer("verbose", 2, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+EXIT_USAGE = 2
+_HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def __getattr__(name):
+    if name == "train_and_evaluate":  # train.train_and_evaluate, loading TensorFlow on first use
+        from tf_codistill.runner import train_and_evaluate
+
+        return train_and_evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _usage_error(message: str) -> None:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with every mistake one line on stderr and exit status 2
+    (absl's own: a FATAL block and status 1; a stray argument: the whole help)."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as err:
+        _usage_error(" ".join(str(err).split()) + " (train.py --help lists the flags)")
+    except SystemExit:  # absl's --help exits 1 after printing the help
+        if any(arg in _HELP or arg.split("=")[0] in _HELP for arg in argv[1:]):
+            sys.exit(0)
+        raise
+    if len(rest) > 1:
+        _usage_error(
+            f"unexpected argument {rest[1]!r}: every setting is a flag, written --name=value "
+            "(train.py --help lists them)."
+        )
+    return rest
 
 
 def _causes(err: BaseException, limit: int = 10):
@@ -156,6 +113,8 @@ def _peer_lost(err: BaseException) -> str | None:
 
 def _kept_backups(workdir: str) -> str:
     """Which backups under `workdir` are whole, in words."""
+    from tf_codistill import backup as backup_mod
+
     kept = []
     for arm in ("sync", "codistill"):
         root = os.path.join(workdir, arm, "backup")
@@ -175,18 +134,26 @@ def _first_line(err: BaseException) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags accepts no positional arguments
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    config = TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
+    config = TrainConfig(**{name: FLAGS[name].value for name in config_module.SETTINGS})
     workdir = FLAGS.workdir
     try:
         check_directory("workdir", workdir)
+        config.validate()  # the common mistakes, before TensorFlow loads
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    from tf_codistill.backup import BackupError
+    from tf_codistill.model import PeerFailureError
+    from tf_codistill.runner import train_and_evaluate
+
+    try:
         train_and_evaluate(config, workdir)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except PeerFailureError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(3)
@@ -220,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

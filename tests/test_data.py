@@ -66,3 +66,16 @@ def test_any_registered_tfds_dataset_through_mock_data(tmp_path):
         x, y = next(iter(data.train_batches(spec, 8, 0, str(tmp_path))))
         assert x.shape == (8, 32, 32, 3) and x.dtype.name == "float32"
         assert float(np.max(x)) <= 1.0  # uint8 images are scaled to [0, 1]
+
+
+def test_unprepared_dataset_fails_at_once_without_downloading(tmp_path, monkeypatch):
+    """A TFDS dataset that is not in data_dir: one ValueError naming --data_dir and `tfds
+    build`, before any download (offline, TFDS would retry for minutes)."""
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for name in ("download", "download_and_extract", "download_and_prepare"):
+        monkeypatch.setattr(tfds.download.DownloadManager, name, no_download, raising=False)
+    with pytest.raises(ValueError, match=r"not prepared in --data_dir=.*`tfds build cifar10 --data_dir="):
+        data.load_spec("cifar10", str(tmp_path))

@@ -299,3 +299,11 @@ def test_sigterm_is_forwarded_and_stubborn_workers_are_killed(tmp_path):
     reader.join(timeout=5)
     assert "received SIGTERM" in "".join(lines)
     assert _no_survivors(script, wait_s=0.0), _survivors(script)
+
+
+def test_no_default_wall_clock_bound():
+    """A healthy long job is never cut short by default; waits inside it are bounded by
+    --collective_timeout, and --timeout stays available."""
+    parser = launch._parser()
+    assert parser.parse_args(["--np", "2"]).timeout is None
+    assert parser.parse_args(["--np", "2", "--timeout", "60"]).timeout == 60.0

@@ -48,10 +48,25 @@ def _env(processes):
     return python_env() if processes == 1 else worker_env()
 
 
+def _without_wall_time(name: str, data: bytes) -> bytes:
+    """The file less `epoch_seconds` (wall time, which no rerun reproduces)."""
+    if name.endswith(".csv"):
+        rows = [line.split(",") for line in data.decode().splitlines()]
+        if rows and "epoch_seconds" in rows[0]:
+            drop = rows[0].index("epoch_seconds")
+            rows = [row[:drop] + row[drop + 1 :] for row in rows]
+        return "\n".join(",".join(row) for row in rows).encode()
+    if name.startswith("history") and name.endswith(".json"):
+        history = json.loads(data)
+        history.pop("epoch_seconds", None)
+        return json.dumps(history, sort_keys=True).encode()
+    return data
+
+
 def _files(workdir, arm):
     folder = os.path.join(workdir, arm)
     return {
-        name: open(os.path.join(folder, name), "rb").read()
+        name: _without_wall_time(name, open(os.path.join(folder, name), "rb").read())
         for name in sorted(os.listdir(folder))
         if name.endswith((".jsonl", ".csv", ".json"))
     }

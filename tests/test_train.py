@@ -114,6 +114,39 @@ def test_same_seed_gives_bit_identical_runs(tmp_path, data_dir):
     config = train.TrainConfig(**{**TINY, "steps": 20}, data_dir=data_dir, mode="codistill", seed=3)
     for name in ("a", "b"):
         train.train_and_evaluate(config, str(tmp_path / name))
-    for name in ("steps.jsonl", "history.json"):
-        first = (tmp_path / "a" / "codistill" / name).read_bytes()
-        assert first == (tmp_path / "b" / "codistill" / name).read_bytes(), name
+    first = (tmp_path / "a" / "codistill" / "steps.jsonl").read_bytes()
+    assert first == (tmp_path / "b" / "codistill" / "steps.jsonl").read_bytes()
+    histories = [json.loads((tmp_path / n / "codistill" / "history.json").read_text()) for n in "ab"]
+    for history in histories:
+        history.pop("epoch_seconds", None)  # wall time: the one log that differs
+    assert histories[0] == histories[1]
+
+
+def test_steps_is_the_exact_number_of_updates(tmp_path, data_dir):
+    """--steps=45 with 31 steps per epoch (4,000 examples, batch 128): 45 updates,
+    not two whole epochs (62)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--mode=sync",
+            "--steps=45",
+            "--batch_size=128",
+            "--warmup_epochs=0.1",
+            "--verbose=0",
+            f"--data_dir={data_dir}",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["steps"] == 45 and run["epochs"] == 2
+    updates = [
+        json.loads(line)["step"] for line in (tmp_path / "sync" / "steps.jsonl").read_text().splitlines()
+    ]
+    assert updates == list(range(1, 46))  # one line per optimizer update

@@ -14,6 +14,7 @@ import train
 
 NAN, INF = float("nan"), float("inf")
 WEIGHTS_DIR = dict(exchange="weights", exchange_dir="/tmp/tf_codistill-x", mode="codistill", group=0)
+NOT_LAUNCHED = "launch it with `python -m tf_codistill.launch --np 4 --groups 2 -- train.py --mode=codistill"
 
 # (overrides of the default TrainConfig, exception, message substring)
 BAD_CONFIGS = [
@@ -52,8 +53,8 @@ BAD_CONFIGS = [
     (dict(temperature=0.0), ValueError, "--temperature must be > 0"),
     (dict(mode="sync", temperature=-1.0), ValueError, "--temperature must be > 0"),
     (dict(warmup_epochs=-1.0), ValueError, "--warmup_epochs must be >= 0"),
-    (dict(burn_in_steps=-1), ValueError, "--burn_in_steps and --alpha_ramp_steps must be >= 0"),
-    (dict(alpha_ramp_steps=-1), ValueError, "--burn_in_steps and --alpha_ramp_steps must be >= 0"),
+    (dict(burn_in_steps=-1), ValueError, "--burn_in_steps must be >= 0, got -1"),
+    (dict(alpha_ramp_steps=-1), ValueError, "--alpha_ramp_steps must be >= 0, got -1"),
     (dict(train_fraction=0.0), ValueError, "--train_fraction must be in (0, 1]"),
     (dict(train_fraction=1.5), ValueError, "--train_fraction must be in (0, 1]"),
     (dict(exchange_every=-1), ValueError, "--exchange_every must be >= 0"),
@@ -61,7 +62,7 @@ BAD_CONFIGS = [
     (dict(collective_timeout=-1.0), ValueError, "--collective_timeout must be > 0 seconds"),
     (dict(seed=-1), ValueError, "--seed must be in [0, 4294967], got -1"),
     (dict(seed=5_000_000), ValueError, "--seed must be in [0, "),
-    (dict(verbose=3), ValueError, "--verbose must be 0 (silent), 1 (progress bar) or 2"),
+    (dict(verbose=4), ValueError, "--verbose must be 0, 1, 2 or 3 (0 silent, 1 progress bar, 2 one short"),
     (dict(verbose=-1), ValueError, "--verbose must be 0"),
     # unknown names (absl enums catch these on the command line; Python callers too)
     (dict(mode="all"), ValueError, "--mode must be sync, codistill or both"),
@@ -71,7 +72,7 @@ BAD_CONFIGS = [
     (dict(optimizer="sgdd"), ValueError, "--optimizer must be sgd or adam"),
     (dict(lr_schedule="cos"), ValueError, "--lr_schedule must be step, cosine or constant"),
     (dict(wd_schedule="linear"), ValueError, "--wd_schedule must be constant or paper"),
-    (dict(distance="KL"), ValueError, "Unknown distance 'KL'"),
+    (dict(distance="KL"), ValueError, "--distance must be mse, kl or reverse_kl; got 'KL'"),
     (dict(model="vgg"), ValueError, "Unknown model 'vgg'"),
     (dict(dataset=" "), ValueError, "--dataset is empty"),
     # milestones
@@ -104,6 +105,12 @@ BAD_CONFIGS = [
         "needs --data_mode=shared",
     ),
     (dict(exchange="horovod", mode="both"), ValueError, "--mode=both runs both arms in one process"),
+    (
+        dict(exchange="horovod", mode="codistill", data_mode="shared", launched=False),
+        ValueError,
+        NOT_LAUNCHED,
+    ),
+    (dict(exchange="horovod", mode="both", launched=False), ValueError, NOT_LAUNCHED),
     (dict(exchange_dir="/tmp/x"), ValueError, "add --exchange=weights"),
     (dict(exchange="local", exchange_dir="/tmp/x"), ValueError, "add --exchange=weights"),
     (dict(exchange="weights", exchange_dir=""), ValueError, "--exchange_dir is empty"),
@@ -116,10 +123,23 @@ BAD_CONFIGS = [
 ]
 
 
+def _launch_as(monkeypatch, overrides: dict) -> dict:
+    """`overrides` less `launched`. --exchange=horovod configs are checked as a
+    rank of a launched job (as horovodrun starts it) unless `launched=False`."""
+    overrides = dict(overrides)
+    launched = overrides.pop("launched", True)
+    monkeypatch.delenv("HOROVOD_RANK", raising=False)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if overrides.get("exchange") == "horovod" and launched:
+        monkeypatch.setenv("HOROVOD_RANK", "0")
+    return overrides
+
+
 @pytest.mark.parametrize(
     "overrides,error,message", BAD_CONFIGS, ids=[f"{i}-{m[:40]}" for i, (_, _, m) in enumerate(BAD_CONFIGS)]
 )
-def test_bad_train_config_is_rejected(overrides, error, message):
+def test_bad_train_config_is_rejected(overrides, error, message, monkeypatch):
+    overrides = _launch_as(monkeypatch, overrides)
     config = dataclasses.replace(train.TrainConfig(), **overrides)
     with pytest.raises(error, match=re.escape(message)):
         config.validate()
@@ -142,7 +162,8 @@ GOOD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides", GOOD_CONFIGS, ids=[str(c) for c in GOOD_CONFIGS])
-def test_good_train_config_passes(overrides):
+def test_good_train_config_passes(overrides, monkeypatch):
+    overrides = _launch_as(monkeypatch, overrides)
     dataclasses.replace(train.TrainConfig(), **overrides).validate()
 
 
@@ -398,7 +419,11 @@ STUDY = 'name = "s"\nseeds = [0]\n[common]\nsteps = 10\n[[arms]]\nlabel = "a"\nm
         (STUDY.replace("steps = 10", "stesp = 10"), "[common] has `stesp`, which is not a train.py flag"),
         (STUDY.replace("steps = 10", "seed = 3"), "sets `seed`, which the study runner sets"),
         (STUDY + 'workdir = "x"\n', "arm 'a' sets `workdir`"),
-        (STUDY + "alpha = nan\n", "`alpha` must be a finite number"),
+        (STUDY + "alpha = nan\n", "arm 'a': --alpha must be a finite number, got nan"),
+        (STUDY.replace("steps = 10", 'steps = "10"'), "[common]: --steps must be an integer, got '10'"),
+        (STUDY.replace("steps = 10", "steps = -10"), "[common]: --steps must be >= 0, got -10"),
+        (STUDY + 'optimizer = "sgdd"\n', "--optimizer must be sgd or adam; got 'sgdd'"),
+        (STUDY + 'lr_milestones = "0.5,0.2"\n', "--lr_milestones='0.5,0.2': give goyal or delayed"),
         (
             STUDY.replace("seeds = [0]", "seeds = [true]"),
             "`seeds` must be a non-empty list of distinct integers",
@@ -427,6 +452,8 @@ def test_study_file_errors(text, message, tmp_path):
         ("--seeds=a,b", "give integers separated by commas"),
         ("--set=steps", "give key=value"),
         ("--set=stesp=5", "`stesp` is not a train.py flag"),
+        ("--set=alpha=abc", "--set='alpha=abc': --alpha must be a number, got 'abc'"),
+        ("--set=num_groups=0", "--num_groups must be >= 1, got 0"),
     ],
 )
 def test_study_command_line_errors(flag, message, tmp_path, capsys):

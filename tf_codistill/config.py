@@ -1,232 +1,340 @@
-"""The settings of a comparison run (train.py's flags), declared once."""
+"""The settings of a comparison run (train.py's flags), declared once.
+
+Each `TrainConfig` field is one setting: its name, type and default are the
+field's; `setting(...)` adds the help text, the allowed values or range, and
+any check of the value alone. From those declarations come
+
+* the absl flags (`define_flags`, which train.py calls),
+* the per-setting checks of `TrainConfig.validate` (type, finiteness, choices,
+  range), after which `validate` checks how settings combine,
+* the check of a study file's keys and values (`check_setting`, `parse_setting`).
+
+This module imports neither TensorFlow nor Keras, so that `train.py --help`
+and flag errors answer at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 from tf_codistill.checks import is_int, is_number
+
+__all__ = [
+    "Setting",
+    "TrainConfig",
+    "SETTINGS",
+    "define_flags",
+    "check_setting",
+    "parse_setting",
+    "check_directory",
+    "parse_milestones",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a `TrainConfig` field accepts, besides its type and default.
+
+    Attributes:
+        help: The flag's help text.
+        choices: The allowed values (an enum flag for strings).
+        minimum, maximum: Allowed range; `minimum` is exclusive with
+            `above_minimum=True`.
+        unit: Said after the bound in a range error (e.g. "seconds").
+        note: Said after a range or choice error, e.g. what 0 means.
+        check: `check(name, value)` raises ValueError for a bad value (a
+            check of this setting alone; combinations are `validate`'s).
+        name, kind, default, optional: Filled in from the field.
+    """
+
+    help: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    above_minimum: bool = False
+    unit: str = ""
+    note: str = ""
+    check: Callable[[str, Any], None] | None = None
+    name: str = ""
+    kind: str = ""  # "int", "float" or "str"
+    default: Any = None
+    optional: bool = False  # None allowed (no value)
+
+
+def setting(default, help: str, **kwargs) -> dataclasses.Field:  # noqa: A002 - absl's word
+    """A `TrainConfig` field: its default and the rest of its `Setting`."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(help=help, **kwargs)})
+
+
+def _not_empty(what: str):
+    def check(name: str, value) -> None:
+        if not value.strip():
+            raise ValueError(f"--{name} is empty: {what}")
+
+    return check
+
+
+def _milestones(name: str, value) -> None:
+    if value not in MILESTONE_NAMES:  # a preset needs no parsing (nor Keras, which holds them)
+        parse_milestones(value, name)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything one comparison needs. Field meanings match the flags."""
+    """Everything one comparison needs; each field is one train.py flag."""
 
-    mode: str = "both"
-    num_groups: int = 2
-    data_mode: str = "auto"
-    exchange: str = "auto"
-    collective_timeout: float = 120.0
-    exchange_every: int = 50
-    exchange_dir: str | None = None
-    group: int = -1
-    peer_timeout: float = 300.0
-    on_stale: str = "keep"
-    dataset: str = "mnist1d"
-    data_dir: str | None = None
-    train_fraction: float = 1.0
-    model: str = "cnn1d"
-    batch_size: int = 128
-    epochs: int = 60
-    steps: int = 0
-    optimizer: str = "sgd"
-    base_lr: float = 0.4
-    lr_schedule: str = "step"
-    lr_milestones: str = "goyal"
-    codistill_lr_milestones: str | None = None
-    warmup_epochs: float = 2.0
-    weight_decay: float = 1e-4
-    wd_schedule: str = "constant"
-    codistill_wd_schedule: str | None = None
-    alpha: float = 1.0
-    distance: str = "kl"
-    temperature: float = 1.0
-    burn_in_steps: int = 0
-    alpha_ramp_steps: int = 0
-    seed: int = 0
-    steps_per_execution: int = 1
-    backup_keep: int = 2
-    verbose: int = 2
+    mode: str = setting("both", "Which arms to run.", choices=("sync", "codistill", "both"))
+    num_groups: int = setting(2, "Groups (models) in the codistillation arm.", minimum=1)
+    data_mode: str = setting(
+        "auto",
+        "Codistillation: every group sees the same batch (shared, the semantics of per-step "
+        "prediction exchange) or each draws its own (independent, the paper's setting). "
+        "auto: independent for the local exchange, shared for horovod.",
+        choices=("auto", "shared", "independent"),
+    )
+    exchange: str = setting(
+        "auto",
+        "How groups exchange: local (all groups in this process, predictions every step), horovod "
+        "(one process per worker, predictions every step over Horovod), or weights (stale peer "
+        "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
+        "--exchange_dir). auto: horovod when launched under Horovod, else local.",
+        choices=("auto", "local", "horovod", "weights"),
+    )
+    collective_timeout: float = setting(
+        120.0,
+        "Seconds any collective or rendezvous may wait before the job fails.",
+        minimum=0,
+        above_minimum=True,
+        unit="seconds",
+    )
+    exchange_every: int = setting(
+        50,
+        "Weights exchange: refresh peer copies every K steps (0: never).",
+        minimum=0,
+        unit="steps",
+        note="0: never refresh",
+    )
+    exchange_dir: str | None = setting(
+        None,
+        "Weights exchange through this shared directory; this job is group --group.",
+        check=_not_empty("give the shared directory, or leave the flag out."),
+    )
+    group: int = setting(-1, "With --exchange_dir: which group this job trains, in [0, num_groups).")
+    peer_timeout: float = setting(
+        300.0,
+        "Weights exchange: seconds without news before a peer is stale.",
+        minimum=0,
+        above_minimum=True,
+        unit="seconds",
+    )
+    on_stale: str = setting(
+        "keep", "A stale peer: keep its last copy, or drop alpha to 0.", choices=("keep", "drop")
+    )
+    dataset: str = setting(
+        "mnist1d",
+        "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...",
+        check=_not_empty("give a name such as mnist1d, mnist1d/n<samples>, digits or cifar10."),
+    )
+    data_dir: str | None = setting(None, "TFDS data directory (TFDS's default when unset).")
+    train_fraction: float = setting(
+        1.0,
+        "Train on this fraction of the training split, in (0, 1].",
+        minimum=0,
+        above_minimum=True,
+        maximum=1,
+    )
+    model: str = setting("cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50.")
+    batch_size: int = setting(128, "Total batch per step over all groups (examples).", minimum=1)
+    epochs: int = setting(60, "Epochs of the sync arm; codistillation takes as many updates.", minimum=0)
+    steps: int = setting(0, "Total updates per model; overrides --epochs when > 0.", minimum=0)
+    optimizer: str = setting("sgd", "SGD with momentum 0.9, or Adam.", choices=("sgd", "adam"))
+    base_lr: float = setting(
+        0.4,
+        "Learning rate per 256 examples of a model's batch (Goyal et al.).",
+        minimum=0,
+        above_minimum=True,
+    )
+    lr_schedule: str = setting("step", "Learning-rate schedule.", choices=("step", "cosine", "constant"))
+    lr_milestones: str = setting(
+        "goyal",
+        "Step decays (x0.1): 'goyal' (1/3, 2/3, 8/9 of the run), "
+        "'delayed' (the paper's fix, 18/38/44 of 45) or comma-separated fractions of the run.",
+        check=_milestones,
+    )
+    codistill_lr_milestones: str | None = setting(
+        None, "Milestones for the codistillation arm only.", check=_milestones
+    )
+    warmup_epochs: float = setting(2.0, "Linear warmup length in (sync) epochs.", minimum=0)
+    weight_decay: float = setting(
+        1e-4, "L2 weight decay on kernels (the constant, or the first value).", minimum=0
+    )
+    wd_schedule: str = setting(
+        "constant",
+        "'paper': weight_decay, then /10 after the first lr decay, then 0 after the second.",
+        choices=("constant", "paper"),
+    )
+    codistill_wd_schedule: str | None = setting(
+        None, "Weight-decay schedule for the codistillation arm only.", choices=("constant", "paper")
+    )
+    alpha: float = setting(
+        1.0, "Weight of the distillation term.", minimum=0, note="0 turns the distillation term off"
+    )
+    distance: str = setting("kl", "Distance to the peers' logits.", choices=("mse", "kl", "reverse_kl"))
+    temperature: float = setting(
+        1.0,
+        "Softmax temperature for the KL distances.",
+        minimum=0,
+        above_minimum=True,
+        note="1 for the plain softmax; larger values soften both distributions",
+    )
+    burn_in_steps: int = setting(0, "Steps with alpha = 0 at the start.", minimum=0)
+    alpha_ramp_steps: int = setting(0, "Steps over which alpha ramps linearly up after burn-in.", minimum=0)
+    seed: int = setting(0, "Seed for initial weights and data order, in [0, 4294967].")
+    steps_per_execution: int = setting(
+        1, "Training steps per compiled call (Keras); logs are reduced once per call.", minimum=1
+    )
+    backup_keep: int = setting(
+        2,
+        "Backups kept per process (written atomically at every epoch end; a rerun of the same command "
+        "resumes from the newest intact one). 0: no backups.",
+        minimum=0,
+        note="0: no backups",
+    )
+    verbose: int = setting(
+        2,
+        "Console output: 0 silent, 1 progress bar, 2 one short line per epoch (pooled metrics), "
+        "3 Keras's own line per epoch (every metric, each group's too).",
+        choices=(0, 1, 2, 3),
+        note="0 silent, 1 progress bar, 2 one short line per epoch, 3 Keras's full line per epoch",
+    )
 
     def arms(self) -> list[str]:
         return ["sync", "codistill"] if self.mode == "both" else [self.mode]
 
+    # The "auto" decisions. Kept as methods for their callers; `validate`
+    # takes them all from one `_decisions()`.
     def resolved_exchange(self) -> str:
-        if self.exchange == "auto":
-            from tf_codistill import topology
-
-            # horovodrun / MPIJob, or a TFJob of several workers (bootstrapped by start_runtime)
-            return "horovod" if topology.multi_process_launch() else "local"
-        return self.exchange
+        return self._decisions().exchange
 
     def resolved_data_mode(self) -> str:
-        if self.data_mode == "auto":
-            return "shared" if self.resolved_exchange() == "horovod" else "independent"
-        return self.data_mode
+        return self._decisions().data_mode
 
     def under_horovod(self) -> bool:
         """Launched by horovodrun, or as a TFJob of several workers. Raises
         ValueError for a TFJob's TF_CONFIG that train.py cannot run."""
-        from tf_codistill import topology
-
-        return self.resolved_exchange() == "horovod" or (
-            self.resolved_exchange() == "weights" and topology.multi_process_launch()
-        )
+        return self._decisions().under_horovod
 
     def separate_group(self) -> bool:
         """This job trains one group and meets the others in --exchange_dir."""
-        return self.resolved_exchange() == "weights" and self.exchange_dir is not None
+        return self._decisions().separate_group
+
+    def _decisions(self) -> _Decisions:
+        from tf_codistill import topology
+
+        # horovodrun / MPIJob, or a TFJob of several workers (bootstrapped by start_runtime)
+        launched = topology.multi_process_launch()
+        exchange = self.exchange
+        if exchange == "auto":
+            exchange = "horovod" if launched else "local"
+        data_mode = self.data_mode
+        if data_mode == "auto":
+            data_mode = "shared" if exchange == "horovod" else "independent"
+        return _Decisions(
+            launched=launched,
+            exchange=exchange,
+            data_mode=data_mode,
+            under_horovod=exchange == "horovod" or (exchange == "weights" and launched),
+            separate_group=exchange == "weights" and self.exchange_dir is not None,
+        )
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad setting and what to do instead
-        (TypeError for a value of the wrong type, e.g. a string for a number)."""
-        from models import MODELS
-        from tf_codistill.losses import get_distance
+        """Checks every setting, then how they combine.
 
+        Raises:
+            TypeError: a value of the wrong type (e.g. a string for a number).
+            ValueError: a bad value or combination; the message names the
+                flag and says what to do instead.
+        """
+        for name in SETTINGS:
+            check_setting(name, getattr(self, name))
+        self._check_combinations()
+        self._check_registries()
+
+    def _check_combinations(self) -> None:
         def bad(msg):
             raise ValueError(msg)
 
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = f.type.split(" |")[0]  # "int", "float", "str" (or "str | None")
-            if value is None and f.type.endswith("| None"):
-                continue
-            accepts, what = _FIELD_TYPES[kind]
-            if not accepts(value):
-                raise TypeError(f"--{f.name} must be {what}, got {value!r}.")
-            if kind == "float" and not math.isfinite(value):  # nan fails every comparison below
-                bad(f"--{f.name} must be a finite number, got {value}.")
-        if self.mode not in ("sync", "codistill", "both"):
-            bad(f"--mode must be sync, codistill or both; got {self.mode!r}.")
-        if self.num_groups < 1:
-            bad(f"--num_groups must be >= 1, got {self.num_groups}.")
+        plan = self._decisions()
         if self.mode != "sync" and self.num_groups < 2:
             bad(
                 f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one)."
             )
-        if self.data_mode not in ("auto", "shared", "independent"):
-            bad(f"--data_mode must be auto, shared or independent; got {self.data_mode!r}.")
-        if self.exchange not in ("auto", "local", "horovod", "weights"):
-            bad(f"--exchange must be auto, local, horovod or weights; got {self.exchange!r}.")
-        if self.exchange_every < 0:
-            bad(f"--exchange_every must be >= 0 steps (0: never refresh), got {self.exchange_every}.")
-        if self.peer_timeout <= 0:
-            bad(f"--peer_timeout must be > 0 seconds, got {self.peer_timeout}.")
-        if self.on_stale not in ("keep", "drop"):
-            bad(f"--on_stale must be keep or drop; got {self.on_stale!r}.")
+        if plan.exchange == "horovod" and not plan.launched:
+            groups = 1 if self.mode == "sync" else self.num_groups
+            mode = "sync" if self.mode == "sync" else "codistill"
+            bad(
+                "--exchange=horovod runs one process per worker, and this process was not started as "
+                f"one: launch it with `python -m tf_codistill.launch --np {2 * groups} --groups {groups} "
+                f"-- train.py --mode={mode} ...` (or horovodrun), or leave --exchange at auto to train "
+                "every group in this process."
+            )
         if self.exchange_dir is not None:
-            if not self.exchange_dir.strip():
-                bad("--exchange_dir is empty: give the shared directory, or leave the flag out.")
-            if self.resolved_exchange() != "weights":
+            if plan.exchange != "weights":
                 bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
             check_directory("exchange_dir", self.exchange_dir)
-        if self.separate_group():
+        if plan.separate_group:
             if self.mode != "codistill":
                 bad("--exchange_dir runs one codistillation group per job: use --mode=codistill.")
-            if not 0 <= self.group < max(self.num_groups, 1):
+            if not 0 <= self.group < self.num_groups:
                 bad(
                     f"--group={self.group}: with --exchange_dir each job trains one group; "
                     f"pass --group in [0, {self.num_groups})."
                 )
         elif self.group != -1:
             bad("--group only applies with --exchange=weights --exchange_dir=...")
-        if self.collective_timeout <= 0:
-            bad(f"--collective_timeout must be > 0 seconds, got {self.collective_timeout}.")
-        if self.under_horovod() or self.separate_group():
+        if plan.under_horovod or plan.separate_group:
             if self.mode == "both":
                 bad(
                     "--mode=both runs both arms in one process; a multi-process job runs one arm. "
                     "Launch --mode=sync and --mode=codistill separately."
                 )
-            if (
-                self.resolved_exchange() == "horovod"
-                and self.mode == "codistill"
-                and self.resolved_data_mode() == "independent"
-            ):
+            if plan.exchange == "horovod" and self.mode == "codistill" and plan.data_mode == "independent":
                 bad(
                     "--exchange=horovod swaps predictions on the same examples every step, which "
                     "needs --data_mode=shared; independent data orders need the stale-weights exchange."
                 )
-            if (
-                self.resolved_exchange() == "weights"
-                and self.mode == "codistill"
-                and self.data_mode == "shared"
-            ):
+            if plan.exchange == "weights" and self.mode == "codistill" and self.data_mode == "shared":
                 bad(
                     "--data_mode=shared: with --exchange=weights across jobs or processes every group "
                     "draws its own data order; use --data_mode=independent (or auto)."
                 )
-        if self.model not in MODELS:
-            bad(f"Unknown model {self.model!r}. Choose one of {sorted(MODELS)}.")
-        if not self.dataset.strip():
-            bad("--dataset is empty: give a name such as mnist1d, mnist1d/n<samples>, digits or cifar10.")
         if self.data_dir is not None:
             check_directory("data_dir", self.data_dir, must_write=False)
-        if self.batch_size < 1:
-            bad(f"--batch_size must be >= 1, got {self.batch_size}.")
         if self.mode != "sync" and self.batch_size % self.num_groups:
             bad(
                 f"--batch_size={self.batch_size} is not divisible by --num_groups={self.num_groups}; "
                 "each group takes batch_size / num_groups examples per step."
             )
-        if self.epochs < 0:
-            bad(f"--epochs must be >= 0, got {self.epochs}.")
-        if self.steps < 0:
-            bad(f"--steps must be >= 0, got {self.steps}.")
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
-        if self.backup_keep < 0:
-            bad(f"--backup_keep must be >= 0 (0: no backups), got {self.backup_keep}.")
-        if self.steps_per_execution < 1:
-            bad(f"--steps_per_execution must be >= 1, got {self.steps_per_execution}.")
-        if self.optimizer not in ("sgd", "adam"):
-            bad(f"--optimizer must be sgd or adam; got {self.optimizer!r}.")
-        if self.base_lr <= 0:
-            bad(f"--base_lr must be > 0, got {self.base_lr}.")
-        if self.lr_schedule not in ("step", "cosine", "constant"):
-            bad(f"--lr_schedule must be step, cosine or constant; got {self.lr_schedule!r}.")
-        if self.weight_decay < 0:
-            bad(f"--weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.alpha < 0:
-            bad(f"--alpha must be >= 0, got {self.alpha}. alpha=0 turns the distillation term off.")
-        if self.temperature <= 0:
-            bad(
-                f"--temperature must be > 0, got {self.temperature}. Use 1.0 for the plain softmax; "
-                "larger values soften both distributions."
-            )
-        if self.warmup_epochs < 0:
-            bad(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}.")
-        if self.burn_in_steps < 0 or self.alpha_ramp_steps < 0:
-            bad("--burn_in_steps and --alpha_ramp_steps must be >= 0.")
-        if not 0 < self.train_fraction <= 1:
-            bad(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
         max_seed = (2**32 - self.num_groups) // 1000
         if not 0 <= self.seed <= max_seed:
             bad(
                 f"--seed must be in [0, {max_seed}], got {self.seed}: group g's model is seeded "
                 "with seed * 1000 + g, which must fit in 32 bits."
             )
-        if self.verbose not in (0, 1, 2):
-            bad(
-                f"--verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {self.verbose}."
-            )
-        get_distance(self.distance, self.temperature)  # validates the name
-        for name in ("lr_milestones", "codistill_lr_milestones"):
-            value = getattr(self, name)
-            if value is not None:
-                parse_milestones(value, name)
         if self.lr_schedule != "step":
             if self.lr_milestones != "goyal":
                 bad(f"--lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
             if self.codistill_lr_milestones is not None:
                 bad(f"--codistill_lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
-        for name in ("wd_schedule", "codistill_wd_schedule"):
-            value = getattr(self, name)
-            if value is not None and value not in ("constant", "paper"):
-                bad(f"--{name} must be constant or paper; got {value!r}.")
-            if value == "paper" and self.lr_schedule != "step":
-                bad(f"--{name}=paper follows the step schedule's decays; use --lr_schedule=step.")
+            for name in ("wd_schedule", "codistill_wd_schedule"):
+                if getattr(self, name) == "paper":
+                    bad(f"--{name}=paper follows the step schedule's decays; use --lr_schedule=step.")
         if self.mode == "sync":
             for name in ("codistill_lr_milestones", "codistill_wd_schedule"):
                 if getattr(self, name) is not None:
@@ -240,20 +348,34 @@ class TrainConfig:
                 if self.codistill_wd_schedule is not None:
                     wd_flag = "codistill_wd_schedule"
             milestones = getattr(self, milestones_flag)
-            if getattr(self, wd_flag) == "paper" and len(parse_milestones(milestones)) < 2:
+            two = milestones in MILESTONE_NAMES or len(parse_milestones(milestones)) >= 2  # presets: 3
+            if getattr(self, wd_flag) == "paper" and not two:
                 bad(
                     f"--{wd_flag}=paper changes weight decay at the first two lr decays, but "
                     f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
                 )
 
+    def _check_registries(self) -> None:
+        """Names looked up in registries that load Keras (checked last, so
+        that every other mistake is reported without loading it)."""
+        from models import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"Unknown model {self.model!r}. Choose one of {sorted(MODELS)}.")
+
     def run_length(self, num_train: int) -> tuple[int, int, int]:
-        """(steps per epoch, updates per model, epochs) on `num_train`
-        examples; `--steps` is rounded up to whole epochs of
-        `num_train // batch_size` steps (fewer when the run is shorter)."""
-        steps_per_epoch = max(1, num_train // self.batch_size)
-        total = self.steps if self.steps > 0 else self.epochs * steps_per_epoch
-        epochs = max(1, -(-total // steps_per_epoch))
-        return min(steps_per_epoch, total), total, epochs
+        """(steps per epoch, updates per model, epochs) on `num_train` examples.
+
+        An epoch is `num_train // batch_size` steps (at least 1), or the whole
+        run where that is shorter. With `--steps` > 0 the run is exactly
+        `steps` updates, its last epoch shorter where `steps` is not a
+        multiple of an epoch; otherwise it is `epochs` whole epochs. `epochs`
+        counts the epochs begun: ceil(updates / steps per epoch).
+        """
+        total = self.steps if self.steps > 0 else self.epochs * max(1, num_train // self.batch_size)
+        steps_per_epoch = max(1, min(num_train // self.batch_size, total))
+        epochs = max(1, math.ceil(total / steps_per_epoch))
+        return steps_per_epoch, total, epochs
 
     def check_run_length(self, num_train: int) -> list[str]:
         """Checks the settings that depend on the run's length in steps (known
@@ -284,11 +406,105 @@ class TrainConfig:
         return warnings
 
 
-_FIELD_TYPES = {
+@dataclasses.dataclass(frozen=True)
+class _Decisions:
+    """The "auto" settings resolved for this process."""
+
+    launched: bool  # under horovodrun / an MPIJob, or a TFJob of several workers
+    exchange: str  # local, horovod or weights
+    data_mode: str  # shared or independent
+    under_horovod: bool
+    separate_group: bool
+
+
+def _settings() -> dict[str, Setting]:
+    out = {}
+    for field in dataclasses.fields(TrainConfig):
+        kind, _, rest = field.type.partition(" |")
+        out[field.name] = dataclasses.replace(
+            field.metadata["setting"],
+            name=field.name,
+            kind=kind,
+            default=field.default,
+            optional=rest.strip() == "None",
+        )
+    return out
+
+
+SETTINGS: dict[str, Setting] = _settings()
+"""Every setting by name, in declaration order."""
+
+_TYPES = {
     "int": (is_int, "an integer"),
     "float": (is_number, "a number"),
     "str": (lambda value: isinstance(value, str), "a string"),
 }
+
+
+def _words(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def check_setting(name: str, value) -> None:
+    """Checks one setting's value on its own (type, finiteness, choices, range,
+    the setting's own check).
+
+    Raises:
+        KeyError: `name` is not a setting.
+        TypeError: `value` has the wrong type.
+        ValueError: a bad value; the message names the flag.
+    """
+    spec = SETTINGS[name]
+    if value is None and spec.optional:
+        return
+    accepts, what = _TYPES[spec.kind]
+    if not accepts(value):
+        raise TypeError(f"--{name} must be {what}, got {value!r}.")
+    if spec.kind == "float" and not math.isfinite(value):  # nan fails every comparison below
+        raise ValueError(f"--{name} must be a finite number, got {value}.")
+    note = f" ({spec.note})" if spec.note else ""
+    if spec.choices is not None and value not in spec.choices:
+        raise ValueError(f"--{name} must be {_words(spec.choices)}{note}; got {value!r}.")
+    low, high = spec.minimum, spec.maximum
+    too_low = low is not None and (value <= low if spec.above_minimum else value < low)
+    if too_low or (high is not None and value > high):
+        unit = f" {spec.unit}" if spec.unit else ""
+        if high is None:
+            bound = f"{'>' if spec.above_minimum else '>='} {low:g}{unit}"
+        else:
+            bound = f"in {'(' if spec.above_minimum else '['}{low:g}, {high:g}]{unit}"
+        raise ValueError(f"--{name} must be {bound}{note}, got {value}.")
+    if spec.check is not None:
+        spec.check(name, value)
+
+
+def parse_setting(name: str, text: str):
+    """The value of setting `name` written as `text` on a command line.
+
+    Raises:
+        KeyError: `name` is not a setting.
+        ValueError: `text` is not a value of the setting's type.
+    """
+    spec = SETTINGS[name]
+    try:
+        return {"int": int, "float": float, "str": str}[spec.kind](text)
+    except ValueError:
+        raise ValueError(f"--{name} must be {_TYPES[spec.kind][1]}, got {text!r}.") from None
+
+
+def define_flags(flag_values=None) -> None:
+    """Defines one absl flag per setting on `flag_values` (absl's global
+    `FLAGS` by default): enums for string settings with choices."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    for spec in SETTINGS.values():
+        if spec.kind == "str" and spec.choices is not None:
+            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help, flag_values=flag_values)
+        else:
+            define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string}
+            define[spec.kind](spec.name, spec.default, spec.help, flag_values=flag_values)
 
 
 def check_directory(flag: str, path: str, must_write: bool = True) -> None:
@@ -313,10 +529,17 @@ def check_directory(flag: str, path: str, must_write: bool = True) -> None:
         raise ValueError(f"--{flag}={path} cannot be created: {parent} is not writable.")
 
 
-def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...]:
-    from tf_codistill.schedules import MILESTONE_PRESETS
+# The milestone presets' names; their values are schedules.MILESTONE_PRESETS
+# (imported only when a preset is used: schedules loads Keras).
+MILESTONE_NAMES = ("goyal", "delayed")
 
-    if text in MILESTONE_PRESETS:
+
+def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...]:
+    """Learning-rate milestones as fractions of the run, from a preset name or
+    comma-separated fractions. Raises ValueError naming `--flag`."""
+    if text in MILESTONE_NAMES:
+        from tf_codistill.schedules import MILESTONE_PRESETS
+
         return MILESTONE_PRESETS[text]
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -328,7 +551,7 @@ def parse_milestones(text: str, flag: str = "lr_milestones") -> tuple[float, ...
         or any(a >= b for a, b in zip(values, values[1:]))
     ):
         raise ValueError(
-            f"--{flag}={text!r}: give {' or '.join(MILESTONE_PRESETS)} or increasing fractions "
+            f"--{flag}={text!r}: give {' or '.join(MILESTONE_NAMES)} or increasing fractions "
             "of the run in (0, 1), e.g. 0.4,0.84,0.98."
         )
     return values

@@ -1,9 +1,10 @@
 """Input pipelines through TensorFlow Datasets.
 
 Any registered TFDS name works (`cifar10`, `imagenet2012`, ...), read from
-`data_dir` (TFDS's default when `None`). The project's own builders,
-`mnist1d` (also `mnist1d/n<samples>` for other sizes) and `digits`, are
-generated offline on first use.
+`data_dir` (TFDS's default when `None`) once prepared there (`tfds build
+<name> --data_dir=...`); an unprepared one fails at once, naming that
+command. The project's own builders, `mnist1d` (also `mnist1d/n<samples>`
+for other sizes) and `digits`, are generated offline on first use.
 
 Training pipelines come in the two data modes of `CodistillModel`:
 `train_batches` (every member sees the same batch) and `independent_batches`
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -40,6 +42,17 @@ __all__ = [
 ]
 
 BUILTIN_DATASETS = ("mnist1d", "digits")
+
+
+class _QuietUnprepared(logging.Filter):
+    """Drops TFDS's warning that an unprepared dataset's folder holds no
+    dataset_info.json: `_check_prepared` says what to do instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnprepared())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +121,30 @@ def _prepare_lock(builder: tfds.core.DatasetBuilder, timeout_s: float = 600.0):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# TFDS's own preparation; tfds.testing.mock_data replaces it (and prepares nothing).
+_DOWNLOAD_AND_PREPARE = vars(tfds.core.DatasetBuilder)["download_and_prepare"]
+
+
+def _check_prepared(name: str, builder: tfds.core.DatasetBuilder) -> None:
+    """Raises ValueError at once for a dataset that would have to be
+    downloaded: TFDS would retry for minutes offline, then fail with a long
+    traceback. The project's own builders are generated here, offline."""
+    own = type(builder).__module__.startswith("tf_codistill.datasets")
+    mocked = vars(tfds.core.DatasetBuilder)["download_and_prepare"] is not _DOWNLOAD_AND_PREPARE
+    if builder.is_prepared() or own or mocked:
+        return
+    root = os.fspath(builder.data_dir_root)
+    raise ValueError(
+        f"Dataset {name!r} is not prepared in --data_dir={root}: prepare it once with "
+        f"`tfds build {name} --data_dir={root}` (it downloads the data; run it where there is a "
+        f"network), then pass that --data_dir. Built in, offline: {', '.join(BUILTIN_DATASETS)}."
+    )
+
+
 def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     builder = _builder(name, data_dir)
     if not builder.is_prepared():
+        _check_prepared(name, builder)
         with _prepare_lock(builder):
             builder = _builder(name, data_dir)
             if not builder.is_prepared():

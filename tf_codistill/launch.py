@@ -16,8 +16,10 @@ and adds:
 * each rank's output re-printed line by line as it arrives, as `[rank R] ...` (stdout)
   and `[rank R:stderr] ...` (stderr); the launcher's own messages go to stderr as
   `launch: ...`;
-* a whole-job wall-clock bound (`--timeout`, exit status 124 on expiry) and forwarding
-  of SIGINT/SIGTERM, both of which tear the whole job down so no worker outlives it.
+* an optional whole-job wall-clock bound (`--timeout`, exit status 124 on expiry; none by
+  default, so a healthy long job is never cut short: every wait inside it is bounded by
+  `--collective_timeout` instead) and forwarding of SIGINT/SIGTERM, both of which tear the
+  whole job down so no worker outlives it.
 
 Exit status: 0 when every rank succeeded; horovodrun's status otherwise (never 0 when a
 rank failed); 2 for bad arguments; 124 on timeout; 128 + signal number when interrupted.
@@ -97,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=3600.0,
-        help="Wall-clock bound for the whole job, in seconds (default 3600; exit status 124).",
+        default=None,
+        help="Wall-clock bound for the whole job, in seconds (exit status 124). Default: none; a stuck "
+        "job still ends, since every collective and rendezvous waits at most --collective_timeout.",
     )
     parser.add_argument(
         "--collective_timeout",
@@ -452,8 +455,9 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run(command: list[str], env: dict[str, str], timeout_s: float, out: TextIO) -> int:
-    """Runs horovodrun, streaming its output; returns the launcher's exit status."""
+def _run(command: list[str], env: dict[str, str], timeout_s: float | None, out: TextIO) -> int:
+    """Runs horovodrun, streaming its output; returns the launcher's exit status.
+    `timeout_s=None`: no bound on the whole job."""
     received: list[int] = []  # a list, not a threading.Event: handlers must not take locks
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -475,7 +479,7 @@ def _run(command: list[str], env: dict[str, str], timeout_s: float, out: TextIO)
             return 1
         pump = threading.Thread(target=_pump, args=(job.proc.stdout, formatter, out), daemon=True)
         pump.start()
-        deadline = time.monotonic() + timeout_s
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         status = None
         while status is None:
             try:
@@ -543,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("timeout", args.timeout), ("collective_timeout", args.collective_timeout)):
             if value is not None and not math.isfinite(value):  # nan passes every comparison
                 raise UsageError(f"--{flag} must be a finite number of seconds, got {value:g}.")
-        if args.timeout <= 0:
+        if args.timeout is not None and args.timeout <= 0:
             raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}.")
         if args.collective_timeout is not None and args.collective_timeout <= 0:
             raise UsageError(f"--collective_timeout must be > 0 seconds, got {args.collective_timeout:g}.")

@@ -1,6 +1,105 @@
-"""What a run reports: bytes on the wire, the results table and the plots."""
+"""What a run reports: the console line per epoch, per-epoch training time,
+bytes on the wire, the results table and the plots (train.py's and the study
+runner's)."""
 
 from __future__ import annotations
+
+import math
+import textwrap
+import time
+
+import keras
+
+__all__ = ["EpochLine", "EpochTimer", "keras_verbose", "plot_runs", "plot_histories", "format_table"]
+
+# Pooled metrics, in the order of the console line; per-group ones (g0_...)
+# go to TensorBoard, history.csv and --verbose=3.
+EPOCH_LINE_KEYS = (
+    "loss",
+    "task_loss",
+    "distill_loss",
+    "accuracy",
+    "agreement",
+    "val_accuracy",
+    "val_ensemble_accuracy",
+)
+
+
+def keras_verbose(verbose: int) -> int:
+    """`model.fit`'s verbose for train.py's --verbose: at 2 `EpochLine` prints
+    the short line instead of Keras; 3 is Keras's own line, every metric."""
+    return {2: 0, 3: 2}.get(verbose, verbose)
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Prints one short line per epoch (train.py --verbose=2): the pooled
+    metrics, then seconds (`epoch_seconds`, training only, where an
+    `EpochTimer` runs before this callback; else the epoch's wall time,
+    evaluation included).
+
+        [codistill] epoch 2/12  loss 1.9719  task_loss 1.8876  ...  val_accuracy 0.2525  3.1s
+
+    Args:
+        epochs: Epochs in the run (the denominator printed).
+        verbose: train.py's --verbose; the line is printed only at 2.
+    """
+
+    def __init__(self, epochs: int, verbose: int = 2):
+        super().__init__()
+        self.epochs = epochs
+        self.enabled = verbose == 2
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.enabled:
+            wall = time.perf_counter() - self._start if self._start is not None else math.nan
+            print(format_epoch_line(self.model.name, epoch, self.epochs, logs or {}, wall), flush=True)
+
+
+def format_epoch_line(name: str, epoch: int, epochs: int, logs: dict, wall_seconds: float) -> str:
+    """`EpochLine`'s text for `epoch` (0-based) of `epochs`."""
+    parts = [f"[{name}] epoch {epoch + 1}/{epochs}"]
+    parts += [f"{key} {float(logs[key]):.4f}" for key in EPOCH_LINE_KEYS if key in logs]
+    if float(logs.get("bad_peer_steps", 0)):  # only when a peer misbehaved
+        parts.append(f"bad_peer_steps {float(logs['bad_peer_steps']):g}")
+    if "staleness" in logs:
+        parts.append(f"staleness {float(logs['staleness']):g}")
+    parts.append(f"{float(logs.get('epoch_seconds', wall_seconds)):.1f}s")
+    return "  ".join(parts)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Puts `epoch_seconds` into each epoch's logs: the time spent in training
+    batches, evaluation left out. `seconds` sums them over the run.
+
+    Keras hands one logs dict to the callbacks in list order, so put this
+    callback before every one that reads or saves epoch logs (a backup,
+    `CSVLogger`, `TensorBoard`, `EpochLine`); Keras's `History` comes last.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self._epoch_seconds = 0.0
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_seconds = 0.0
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):  # validation: the epoch's training is over
+        if self._start is not None:
+            self._epoch_seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()
+        self.seconds += self._epoch_seconds
+        if logs is not None:
+            logs["epoch_seconds"] = self._epoch_seconds
 
 
 def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_params: int):
@@ -34,39 +133,97 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
     return in_group, cross_group, sent, equivalent
 
 
-def plot_histories(histories: dict[str, dict], path: str) -> None:
-    """Test accuracy and training (task) loss per epoch, one line per arm."""
+def plot_runs(
+    runs: dict[str, list[dict]],
+    path: str,
+    title: str | None = None,
+    xlabel: str = "epoch (of the sync arm; equal updates per model)",
+) -> None:
+    """Test accuracy and training task loss against epochs, one line per label.
+
+    train.py plots one run per arm; the study runner several seeds per arm,
+    drawn as their mean with a band of ± one standard error. Where runs log
+    `val_ensemble_accuracy` (codistillation), the ensemble's test accuracy is
+    dashed in the same colour.
+
+    Args:
+        runs: label -> the histories of that label's runs (`{"val_accuracy":
+            [...], "task_loss": [...], ...}`, one value per epoch).
+        path: Where the PNG goes.
+        title: Drawn above both panels (wrapped, never clipped).
+        xlabel: Both panels' x-axis label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"sync": "tab:blue", "codistill": "tab:orange"}
-    for arm, h in histories.items():
-        epochs = range(1, len(h["task_loss"]) + 1)
-        color = colors.get(arm)
-        label = arm if arm == "sync" else f"{arm} (mean of groups)"
-        ax_acc.plot(epochs, h["val_accuracy"], label=label, color=color)
-        if "val_ensemble_accuracy" in h:
-            ax_acc.plot(epochs, h["val_ensemble_accuracy"], "--", label=f"{arm} ensemble", color=color)
-        ax_loss.plot(epochs, h["task_loss"], label=label, color=color)
-    ax_acc.set(xlabel="epoch (equal updates per model)", ylabel="test accuracy", title="Test accuracy")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    for label, histories in runs.items():
+        color = None
+        for key, ax, style in (
+            ("val_accuracy", ax_acc, "-"),
+            ("val_ensemble_accuracy", ax_acc, "--"),
+            ("task_loss", ax_loss, "-"),
+        ):
+            curves = [h[key] for h in histories if h.get(key)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            data = np.array([c[:length] for c in curves], dtype=float)
+            epochs = np.arange(1, length + 1)
+            mean = data.mean(0)
+            (line,) = ax.plot(
+                epochs,
+                mean,
+                style,
+                color=color,
+                label=label if style == "-" else f"{label} ensemble",
+                marker="o" if length <= 30 else None,  # few epochs: every point visible
+                markersize=3,
+            )
+            color = line.get_color()
+            if len(curves) > 1:
+                se = data.std(0, ddof=1) / math.sqrt(len(curves))
+                ax.fill_between(epochs, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+    longest = max((len(h.get("task_loss", [])) for hs in runs.values() for h in hs), default=0)
+    if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
+        for ax in (ax_acc, ax_loss):
+            ax.set_xlim(0.5, longest + 0.5)
+    seeds = max((len(h) for h in runs.values()), default=1)
+    spread = f" (mean ± s.e. over {seeds} seeds)" if seeds > 1 else ""
+    ax_acc.set(xlabel=xlabel, ylabel="test accuracy (mean of a run's groups)", title="Test accuracy" + spread)
     ax_loss.set(
-        xlabel="epoch (equal updates per model)",
-        ylabel="training task loss",
-        title="Training loss",
-        yscale="log",
+        xlabel=xlabel, ylabel="training task loss (log scale)", title="Training loss" + spread, yscale="log"
+    )
+    # Log-scale ticks as plain numbers (1.5, not 1.5 x 10^0); over more than a
+    # decade only 2s and 5s between the powers of ten, so that labels stay apart.
+    low, high = ax_loss.get_ylim()
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax_loss.yaxis.set_minor_formatter(
+        FuncFormatter(
+            lambda value, _: (
+                f"{value:g}"
+                if high / low < 10 or round(value / 10 ** math.floor(math.log10(value))) in (2, 5)
+                else ""
+            )
+        )
     )
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        ax.legend()
-    lows = [min(h["val_accuracy"][len(h["val_accuracy"]) // 3 :]) for h in histories.values()]
-    if lows:
-        ax_acc.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
-    fig.tight_layout()
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle("\n".join(textwrap.wrap(title, 110)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_histories(histories: dict[str, dict], path: str) -> None:
+    """train.py's comparison plot: one run per arm (see `plot_runs`)."""
+    plot_runs({arm: [history] for arm, history in histories.items()}, path)
 
 
 def format_table(runs: list[dict]) -> str:

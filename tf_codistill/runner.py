@@ -14,7 +14,7 @@ import keras
 from tf_codistill import backup as backup_mod
 from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
-from tf_codistill.report import _traffic, format_table, plot_histories
+from tf_codistill.report import EpochLine, EpochTimer, _traffic, format_table, keras_verbose, plot_histories
 
 
 # --------------------------------------------------------------------------- arms
@@ -45,26 +45,6 @@ def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epo
         wd = config.weight_decay
     alpha = schedules.AlphaSchedule(config.alpha, config.burn_in_steps, config.alpha_ramp_steps)
     return groups, batch, lr, wd, alpha
-
-
-class TrainTimer(keras.callbacks.Callback):
-    """Sums the time spent in training batches, leaving out evaluation."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = 0.0
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_test_begin(self, logs=None):
-        if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.on_test_begin()
 
 
 def _resumed(backup) -> bool:
@@ -247,7 +227,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     model_fn = model_fn or default_model_fn(config)
     _, _, lr, wd, alpha = _arm_settings(config, plan.arm, plan.total_steps, plan.steps_per_epoch)
     os.makedirs(plan.directory, exist_ok=True)
-    timer = TrainTimer()
+    timer = EpochTimer()
     backup = _make_backup(config, plan, timer)
     # A resumed run reads on from where the backup's epoch ended.
     resume_epoch = backup.resume_epoch() if backup is not None else None
@@ -278,10 +258,12 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
             steps_per_execution=config.steps_per_execution,
         )
 
-    # The backup first: it restores the step before the loggers open their
-    # files, and they rewrite them to end where the backup does.
-    callbacks = [backup] if backup is not None else []
-    callbacks += [timer, StopAtStep(plan.total_steps)]
+    # The timer first: it puts epoch_seconds into the epoch logs that the
+    # backup, the CSV and TensorBoard see. Then the backup: it restores the
+    # step before the loggers open their files, and they rewrite them to end
+    # where the backup does.
+    callbacks = [timer] + ([backup] if backup is not None else [])
+    callbacks.append(StopAtStep(plan.total_steps))
     if plan.writes_logs:
         tb_dir = os.path.join(plan.directory, "tensorboard")
         if rt.distributed:
@@ -291,6 +273,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
             ResumableCSVLogger(os.path.join(plan.directory, f"history{plan.tag}.csv"), backup),
         ]
     callbacks.append(StepLogger(os.path.join(plan.directory, f"steps{plan.tag}.jsonl"), backup))
+    verbose = config.verbose if rt.is_chief else 0
+    callbacks.append(EpochLine(plan.epochs, verbose))
     where = f"rank {rt.rank} (group {rt.group}) " if rt.distributed else ""
     print(
         f"[{plan.arm}] {where}{plan.groups} group(s) x batch {plan.batch}, {plan.total_steps} updates per "
@@ -304,7 +288,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         steps_per_epoch=plan.steps_per_epoch,
         validation_data=test_ds,
         callbacks=callbacks,
-        verbose=config.verbose if rt.is_chief else 0,
+        verbose=keras_verbose(verbose),
         shuffle=False,
     ).history
     wall = time.perf_counter() - start
@@ -384,7 +368,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     return entry, history, backup
 
 
-def _make_backup(config: TrainConfig, plan: ArmPlan, timer: TrainTimer):
+def _make_backup(config: TrainConfig, plan: ArmPlan, timer: EpochTimer):
     """This process's `Backup` (None with --backup_keep=0). Processes of one
     job each keep their own and agree on the epoch to resume from."""
     if config.backup_keep == 0:

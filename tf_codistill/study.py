@@ -23,7 +23,7 @@ Every (arm, seed) is one `train.py` process writing to
 `<out>/<study>/<arm>/seed<k>`; a run whose `results.json` exists is not run
 again, so an interrupted study resumes. The report (`REPORT.md`), a CSV of
 every run and PNG plots (test accuracy and training loss against epochs,
-mean and spread across seeds) go to `<out>/<study>/`, and a combined
+mean ± standard error across seeds) go to `<out>/<study>/`, and a combined
 `<out>/REPORT.md` lists every study.
 """
 
@@ -43,6 +43,8 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
+from tf_codistill import config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ["load_study", "run_study", "main"]
@@ -51,13 +53,9 @@ __all__ = ["load_study", "run_study", "main"]
 _RUNNER_FLAGS = ("seed", "workdir", "verbose")
 
 
-def train_flags() -> set[str]:
-    """The flag names train.py defines (read from its source: importing it loads TensorFlow)."""
-    with open(os.path.join(REPO, "train.py")) as f:
-        return set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read()))
-
-
-def _check_settings(path: str, where: str, settings: dict, known: set[str]) -> None:
+def _check_settings(path: str, where: str, settings: dict) -> None:
+    """Each key must be a train.py setting the study may set, with a value that
+    setting accepts (tf_codistill/config.py checks both)."""
     for key, value in settings.items():
         if key == "label" and where != "[common]":
             continue
@@ -66,12 +64,14 @@ def _check_settings(path: str, where: str, settings: dict, known: set[str]) -> N
                 f"{path}: {where} sets `{key}`, which the study runner sets for every run; "
                 "use `seeds` (and --out) instead."
             )
-        if key not in known:
+        if key not in config.SETTINGS:
             raise ValueError(f"{path}: {where} has `{key}`, which is not a train.py flag.")
         if isinstance(value, (dict, list)):
             raise ValueError(f"{path}: {where} `{key}` must be a single value, got {value!r}.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{path}: {where} `{key}` must be a finite number, got {value}.")
+        try:
+            config.check_setting(key, value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {where}: {err}") from None
 
 
 def load_study(path: str) -> dict:
@@ -110,10 +110,9 @@ def load_study(path: str) -> dict:
     study.setdefault("common", {})
     if not isinstance(study["common"], dict):
         raise ValueError(f"{path}: `common` must be a table ([common] section) of train.py flags.")
-    known = train_flags()
-    _check_settings(path, "[common]", study["common"], known)
+    _check_settings(path, "[common]", study["common"])
     for arm in arms:
-        _check_settings(path, f"arm {arm['label']!r}", arm, known)
+        _check_settings(path, f"arm {arm['label']!r}", arm)
     study["path"] = path
     return study
 
@@ -197,45 +196,11 @@ def _fmt(mean, std, digits=4):
 
 
 def _plot(study: dict, rows: list[dict], path: str) -> None:
-    import matplotlib
+    """Each arm's seeds: mean ± standard error per epoch (report.plot_runs)."""
+    from tf_codistill.report import plot_runs  # loads Keras: only once the runs are done
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm in study["arms"]:
-        runs = [r for r in rows if r["arm"] == arm["label"]]
-        for key, ax in (("val_accuracy", ax_acc), ("task_loss", ax_loss)):
-            curves = [r["history"][key] for r in runs if key in r["history"]]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            data = np.array([c[:length] for c in curves])
-            epochs = np.arange(1, length + 1)
-            mean, std = data.mean(0), data.std(0)
-            (line,) = ax.plot(epochs, mean, label=arm["label"])
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax_acc.set(
-        xlabel="epoch (of the sync arm; equal updates per model)",
-        ylabel="test accuracy",
-        title="test accuracy",
-    )
-    fig.suptitle(study["title"])
-    ax_loss.set(
-        xlabel="epoch (of the sync arm; equal updates per model)",
-        ylabel="training task loss",
-        title="training loss",
-        yscale="log",
-    )
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    finals = [r["test_accuracy"] for r in rows]
-    ax_acc.set_ylim(max(0.0, min(finals) - 0.1), min(1.0, max(finals) + 0.02))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runs = {arm["label"]: [r["history"] for r in rows if r["arm"] == arm["label"]] for arm in study["arms"]}
+    plot_runs(runs, path, title=study["title"])
 
 
 def _study_report(study: dict, rows: list[dict], out_dir: str) -> list[str]:
@@ -311,13 +276,17 @@ def main(argv=None) -> int:
                 ) from None
             if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
                 raise ValueError(f"--seeds={args.seeds!r}: give distinct integers >= 0.")
-        known = train_flags()
         for item in args.set:
-            key, eq, value = item.partition("=")
+            key, eq, text = item.partition("=")
             if not eq or not key:
                 raise ValueError(f"--set={item!r}: give key=value, e.g. --set steps=500.")
-            if key not in known or key in _RUNNER_FLAGS:
+            if key not in config.SETTINGS or key in _RUNNER_FLAGS:
                 raise ValueError(f"--set={item!r}: `{key}` is not a train.py flag the study can set.")
+            try:
+                value = config.parse_setting(key, text)
+                config.check_setting(key, value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--set={item!r}: {err}") from None
             overrides[key] = value
     except ValueError as err:
         print(f"study: error: {err}", file=sys.stderr)
