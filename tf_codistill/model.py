@@ -12,6 +12,7 @@ through the same train step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import keras
@@ -319,7 +320,7 @@ class CodistillModel(keras.Model):
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> CodistillModel:
         """Rebuilds the model with `LocalExchange` (see the class docstring)."""
-        config = dict(config)
+        config = copy.deepcopy(config)  # Keras's deserialisation consumes the dicts it reads
 
         def deserialize(value):
             return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
