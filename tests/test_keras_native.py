@@ -154,6 +154,25 @@ def test_model_checkpoint_default_saves_a_loadable_model(tmp_path):
     assert int(restored.optimizer.iterations.numpy()) == 4
 
 
+def test_a_model_with_another_exchange_is_restored_with_load_weights(tmp_path):
+    """load_model gives the local exchange; code that binds its own exchange
+    builds the model as before and restores weights and optimizer state."""
+    trained = _stale_model(2)
+    trained.fit(_independent_data(4), epochs=1, verbose=0)
+    path = str(tmp_path / "stale.keras")
+    trained.save(path)
+    assert keras.models.load_model(path).exchange.name == "local"
+    again = _stale_model(2)
+    again.load_weights(path)
+    assert int(again.optimizer.iterations.numpy()) == 4
+    for u, v in zip(_weights(trained), _weights(again)):
+        np.testing.assert_array_equal(u, v)
+    one = CodistillModel(_members(1), exchange=StaleWeightsExchange(every=2, group=0, num_groups=2))
+    one.compile(optimizer="sgd")
+    one.save(str(tmp_path / "one.keras"))  # counts bad steps for 2 groups
+    assert keras.models.load_model(str(tmp_path / "one.keras")).num_groups == 1
+
+
 def test_get_config_from_config_and_clone_model():
     model = _saved_model_setup()
     config = model.get_config()

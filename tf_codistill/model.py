@@ -176,7 +176,8 @@ class CodistillModel(keras.Model):
     The exchange is not saved: a loaded model uses `LocalExchange`. For a
     multi-process exchange (Horovod, stale weights between processes), the
     code that loads builds the model with its exchange as before, compiles
-    it, and restores the state with `model.load_weights("x.keras")`.
+    it, and restores weights and optimizer state with
+    `model.load_weights("x.keras")`.
 
     Mixed precision: under `keras.mixed_precision.set_dtype_policy(
     "mixed_bfloat16")` or `"mixed_float16"` (set before building the
@@ -347,6 +348,15 @@ class CodistillModel(keras.Model):
         self.compile(**config)
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; a compiled model's optimizer is built
+        first, so that the saved optimizer state (step count, momentum) is
+        loaded too instead of skipped. This is how a model saved with a
+        multi-process exchange is restored with that exchange bound again."""
+        if self.compiled and self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        return super().load_weights(filepath, *args, **kwargs)
 
     def load_own_variables(self, store) -> None:
         # A model saved by one group of a multi-process job counts bad steps
