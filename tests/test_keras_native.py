@@ -486,3 +486,18 @@ def test_mixed_bfloat16_learns(policy):
     result = model.evaluate(x[1536:], y[1536:], verbose=0, return_dict=True)
     policy("float32")
     assert result["accuracy"] > 0.85, result
+
+
+def test_schedules_round_trip_through_keras_serialisation():
+    from tf_codistill import PiecewiseConstant, WarmupPiecewiseDecay
+
+    for schedule in [
+        AlphaSchedule(0.5, burn_in_steps=3, ramp_steps=4),
+        PiecewiseConstant([2, 5], [1.0, 0.5, 0.1]),
+        WarmupPiecewiseDecay(0.4, [10, 20], warmup_steps=5),
+        WarmupCosineDecay(0.2, total_steps=30, warmup_steps=3),
+    ]:
+        again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+        assert type(again) is type(schedule) and again.get_config() == schedule.get_config()
+        for step in (0, 4, 12, 25):
+            assert float(again(step)) == float(schedule(step))
