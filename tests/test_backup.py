@@ -27,7 +27,11 @@ def _data():
 def _model(exchange=None):
     members = [build_model("mlp", INPUT, CLASSES, seed=i) for i in range(2)]
     model = CodistillModel(
-        members, alpha=AlphaSchedule(1.0, burn_in_steps=3, ramp_steps=6), exchange=exchange
+        members,
+        alpha=AlphaSchedule(1.0, burn_in_steps=3, ramp_steps=6),
+        distance="mse",
+        data_mode="shared",
+        exchange=exchange,
     )
     lr = keras.optimizers.schedules.PiecewiseConstantDecay([7, 12], [0.2, 0.1, 0.05])
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), metrics=["accuracy"])

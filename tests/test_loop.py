@@ -173,7 +173,7 @@ def train(strategy):
         members = [build_model("mlp", (12,), 5) for _ in init]
         for m, w in zip(members, init):
             m.set_weights(w)
-        model = CodistillModel(members, alpha=0.8, distance="kl", weight_decay=1e-3)
+        model = CodistillModel(members, alpha=0.8, distance="kl", weight_decay=1e-3, data_mode="shared")
         model.compile(optimizer=keras.optimizers.SGD(0.3, momentum=0.9), metrics=["accuracy"])
     loop = CodistillLoop(model, strategy)
     logs = loop.train(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat(), 5)

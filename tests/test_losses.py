@@ -82,3 +82,29 @@ def test_validate_outputs_names_shapes():
     d = losses.LogitMSE()
     with pytest.raises(ValueError, match=r"teacher \(4, 10\) and student \(4, 3\)"):
         d.validate_outputs(np.zeros((4, 10)), np.zeros((4, 3)))
+
+
+def test_any_keras_distillation_loss_is_a_distance(logits):
+    import keras
+
+    teacher, student = logits
+    keras_loss = keras.distillation.LogitsDistillation(temperature=2.0, loss=keras.losses.KLDivergence())
+    d = losses.get_distance(keras_loss)
+    assert isinstance(d, losses.KerasDistillationDistance) and d.loss is keras_loss
+    per_example = np.asarray(d.per_example(teacher, student))
+    assert per_example.shape == (6,)
+    np.testing.assert_allclose(
+        per_example.mean(), float(keras_loss.compute_loss(teacher, student)), rtol=1e-5
+    )
+    # The same values as our forward KL at that temperature.
+    np.testing.assert_allclose(
+        per_example, np.asarray(losses.KLDivergence(2.0).per_example(teacher, student)), rtol=1e-4
+    )
+
+
+def test_distances_round_trip_through_keras_serialisation():
+    import keras
+
+    for d in [losses.KLDivergence(3.0), losses.LogitMSE(), losses.ReverseKLDivergence(0.5)]:
+        again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(d))
+        assert type(again) is type(d) and again.get_config() == d.get_config()

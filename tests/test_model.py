@@ -67,7 +67,7 @@ def test_update_is_own_loss_gradient_only(data_mode, distance):
 def test_alpha_zero_is_exactly_the_sync_update():
     members = _members(2)
     sync_member = _clone(members[0])
-    codistill = CodistillModel(members, alpha=0.0, distance="kl")
+    codistill = CodistillModel(members, alpha=0.0, distance="kl", data_mode="shared")
     sync = CodistillModel([sync_member])
     for m in (codistill, sync):
         m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
@@ -82,7 +82,7 @@ def test_alpha_zero_is_exactly_the_sync_update():
 def test_distillation_term_is_zero_when_members_agree():
     members = _members(2)
     members[1].set_weights(members[0].get_weights())
-    model = CodistillModel(members, alpha=5.0, distance="kl")
+    model = CodistillModel(members, alpha=5.0, distance="kl", data_mode="shared")
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     x, y = _batch(0)
     logs = model.train_on_batch(x, y, return_dict=True)
@@ -95,7 +95,7 @@ def test_distillation_term_is_zero_when_members_agree():
 
 def test_members_stay_different_while_they_move_closer():
     members = _members(2)
-    model = CodistillModel(members, alpha=1.0, distance="mse")
+    model = CodistillModel(members, alpha=1.0, distance="mse", data_mode="shared")
     model.compile(optimizer=keras.optimizers.SGD(0.05))
     x, y = _batch(0, size=64)
     first = model.train_on_batch(x, y, return_dict=True)["distill_loss"]
@@ -108,7 +108,9 @@ def test_members_stay_different_while_they_move_closer():
 
 def test_fit_evaluate_predict_and_export(tmp_path):
     members = _members(2)
-    model = CodistillModel(members, alpha=AlphaSchedule(1.0, burn_in_steps=2), distance="kl")
+    model = CodistillModel(
+        members, alpha=AlphaSchedule(1.0, burn_in_steps=2), distance="kl", data_mode="shared"
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.1), metrics=["accuracy"])
     x, y = _batch(0, size=64)
     seen = []
@@ -144,7 +146,7 @@ def test_fit_evaluate_predict_and_export(tmp_path):
 
 
 def test_alpha_burn_in_logged_per_step():
-    model = CodistillModel(_members(2), alpha=AlphaSchedule(0.5, burn_in_steps=2))
+    model = CodistillModel(_members(2), alpha=AlphaSchedule(0.5, burn_in_steps=2), data_mode="shared")
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     x, y = _batch(0)
     alphas = [float(model.train_on_batch(x, y, return_dict=True)["alpha"]) for _ in range(3)]
@@ -197,7 +199,7 @@ def test_negative_alpha_and_bad_temperature():
 
 
 def test_labels_out_of_range_fail_with_clear_message():
-    model = CodistillModel(_members(2), num_classes=CLASSES)
+    model = CodistillModel(_members(2), num_classes=CLASSES, data_mode="shared")
     model.compile(optimizer="sgd")
     x, _ = _batch(0)
     y = np.full((16,), CLASSES + 2)
@@ -228,7 +230,7 @@ x = rng.normal(size=(16, 12)).astype("float32"); y = rng.integers(0, 5, size=16)
 def one_step(strategy):
     with strategy.scope():
         members = [build_model("mlp", (12,), 5, seed=s) for s in (0, 1)]
-        model = CodistillModel(members, alpha=0.8, distance="kl", weight_decay=1e-3)
+        model = CodistillModel(members, alpha=0.8, distance="kl", weight_decay=1e-3, data_mode="shared")
         model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     logs = model.fit(ds, epochs=2, verbose=0).history
@@ -268,7 +270,7 @@ def test_nan_from_a_peer_is_skipped_counted_and_stops_the_run():
     from tf_codistill.model import PeerFailureError
 
     members = _members(2)
-    model = CodistillModel(members, alpha=1.0, distance="kl", max_bad_peer_steps=3)
+    model = CodistillModel(members, alpha=1.0, distance="kl", max_bad_peer_steps=3, data_mode="shared")
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     x, y = _batch(0)
     model.train_on_batch(x, y)

@@ -5,10 +5,15 @@ Several models ("groups") train side by side; each adds
 group the same code is the synchronous baseline.
 
 Names are imported on first use, so that `python -m tf_codistill.launch`
-starts without loading TensorFlow.
+starts without loading TensorFlow. When Keras is already imported, the
+modules that register classes with Keras serialisation (the model, distances,
+schedules) are imported at once, so that `keras.models.load_model` finds them:
+`import keras` (or tensorflow) before `import tf_codistill`, or touch any name
+(`tf_codistill.CodistillModel`) before loading.
 """
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -21,6 +26,11 @@ _EXPORTS = {
     "Exchange": "tf_codistill.exchange",
     "HorovodExchange": "tf_codistill.exchange",
     "KLDivergence": "tf_codistill.losses",
+    "KerasDistillationDistance": "tf_codistill.losses",
+    "PeerFailureError": "tf_codistill.callbacks",
+    "PeerHealthCheck": "tf_codistill.callbacks",
+    "StaleWeightsRefresh": "tf_codistill.callbacks",
+    "training_callbacks": "tf_codistill.callbacks",
     "LocalExchange": "tf_codistill.exchange",
     "LogitMSE": "tf_codistill.losses",
     "PiecewiseConstant": "tf_codistill.schedules",
@@ -38,7 +48,25 @@ _MODULES = ("runtime", "exchange", "data", "losses", "schedules")
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 
+_SUBMODULES = ("callbacks", "exchange", "losses", "schedules")
+
+
+# Modules whose classes Keras deserialises by their registered names.
+_REGISTERING = ("tf_codistill.model", "tf_codistill.losses", "tf_codistill.schedules")
+
+
+def _register_keras_objects() -> None:
+    for module in _REGISTERING:
+        importlib.import_module(module)
+
+
+if "keras" in sys.modules or "tensorflow" in sys.modules:
+    _register_keras_objects()
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tf_codistill.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name in _MODULES:

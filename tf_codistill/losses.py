@@ -6,6 +6,13 @@ Each distance follows the `keras.distillation.DistillationLoss` interface:
 weights and to scale for a distribution strategy itself), so every distance
 also has `per_example(teacher_outputs, student_outputs)`.
 
+Any other `keras.distillation.DistillationLoss` (for example
+`keras.distillation.LogitsDistillation`) works too: `get_distance` wraps it in
+`KerasDistillationDistance`, which takes its per-example values row by row.
+
+Every distance is registered with Keras serialisation, so a saved
+`CodistillModel` keeps its distance.
+
 Distances available by name through `get_distance`:
 
 * ``"mse"``: mean squared error between logits (Anil et al., 2018).
@@ -18,6 +25,7 @@ Distances available by name through `get_distance`:
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -27,9 +35,13 @@ __all__ = [
     "LogitMSE",
     "KLDivergence",
     "ReverseKLDivergence",
+    "KerasDistillationDistance",
     "get_distance",
     "DISTANCES",
 ]
+
+
+_register = keras.saving.register_keras_serializable(package="tf_codistill")
 
 
 class CodistillDistance(keras.distillation.DistillationLoss):
@@ -69,6 +81,7 @@ class CodistillDistance(keras.distillation.DistillationLoss):
         return cls(**config)
 
 
+@_register
 class LogitMSE(CodistillDistance):
     """Mean squared difference of the logits, averaged over classes."""
 
@@ -99,6 +112,7 @@ class _TemperedDistance(CodistillDistance):
         return {"temperature": self.temperature}
 
 
+@_register
 class KLDivergence(_TemperedDistance):
     """KL(teacher || student) of softmax(logits / T), multiplied by T^2."""
 
@@ -111,6 +125,7 @@ class KLDivergence(_TemperedDistance):
         return kl * (self.temperature**2)
 
 
+@_register
 class ReverseKLDivergence(_TemperedDistance):
     """KL(student || teacher) of softmax(logits / T), multiplied by T^2."""
 
@@ -123,6 +138,66 @@ class ReverseKLDivergence(_TemperedDistance):
         return kl * (self.temperature**2)
 
 
+@_register
+class KerasDistillationDistance(CodistillDistance):
+    """Any `keras.distillation.DistillationLoss` as a codistillation distance.
+
+    The teacher is the peers' mean logits, the student the member's own
+    logits: `loss.compute_loss(teacher, student)`. Its batch value is used
+    as is; with sample weights the per-example values are taken by calling
+    `compute_loss` on each row (`ops.vectorized_map`), so the loss must
+    reduce by a mean over the batch, as Keras's own distillation losses do.
+
+    Args:
+        loss: a `keras.distillation.DistillationLoss` instance.
+    """
+
+    name = "keras_distillation"
+
+    def __init__(self, loss: keras.distillation.DistillationLoss):
+        if not isinstance(loss, keras.distillation.DistillationLoss):
+            raise TypeError(f"loss must be a keras.distillation.DistillationLoss, got {type(loss).__name__}.")
+        self.loss = loss
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        return self.loss.compute_loss(teacher_outputs, student_outputs, **kwargs)
+
+    def per_example(self, teacher_outputs, student_outputs):
+        def one_row(pair):
+            teacher, student = pair
+            return self.loss.compute_loss(teacher[None], student[None])
+
+        return ops.vectorized_map(one_row, (teacher_outputs, student_outputs))
+
+    def validate_outputs(self, teacher_outputs, student_outputs):
+        super().validate_outputs(teacher_outputs, student_outputs)
+        self.loss.validate_outputs(teacher_outputs, student_outputs)
+
+    def get_config(self) -> dict:
+        return {"loss": keras.saving.serialize_keras_object(self.loss)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["loss"]))
+
+
+def _warn_if_kl_of_logits(loss) -> None:
+    """Keras's LogitsDistillation applies the softmax only for a
+    `keras.losses.KLDivergence` instance; its default `loss="kl_divergence"`
+    resolves to a function and compares tempered logits as if they were
+    probabilities (clipped to [1e-7, 1]). Legal, but rarely what is meant."""
+    if not isinstance(loss, keras.distillation.LogitsDistillation):
+        return
+    if any(fn is keras.losses.kl_divergence for fn in keras.tree.flatten(loss.loss)):
+        warnings.warn(
+            "keras.distillation.LogitsDistillation(loss='kl_divergence') compares the tempered logits "
+            "as if they were probabilities (Keras applies the softmax only for a "
+            "keras.losses.KLDivergence() instance). For the KL of the softmaxes pass "
+            "loss=keras.losses.KLDivergence(), or distance='kl'.",
+            stacklevel=3,
+        )
+
+
 DISTANCES = {
     "mse": LogitMSE,
     "kl": KLDivergence,
@@ -130,11 +205,17 @@ DISTANCES = {
 }
 
 
-def get_distance(distance: str | CodistillDistance, temperature: float = 1.0) -> CodistillDistance:
+def get_distance(
+    distance: str | keras.distillation.DistillationLoss, temperature: float = 1.0
+) -> CodistillDistance:
     """Resolves a distance by name, or returns a `CodistillDistance` as is.
 
+    Any other `keras.distillation.DistillationLoss` instance is wrapped in
+    `KerasDistillationDistance` (it keeps its own temperature).
+
     Args:
-        distance: one of `DISTANCES` or a `CodistillDistance` instance.
+        distance: one of `DISTANCES`, a `CodistillDistance`, or a
+            `keras.distillation.DistillationLoss` instance.
         temperature: softmax temperature for the KL distances (ignored by
             ``"mse"`` but still validated, so a typo never passes silently).
 
@@ -143,10 +224,14 @@ def get_distance(distance: str | CodistillDistance, temperature: float = 1.0) ->
     """
     if isinstance(distance, CodistillDistance):
         return distance
+    if isinstance(distance, keras.distillation.DistillationLoss):
+        _warn_if_kl_of_logits(distance)
+        return KerasDistillationDistance(distance)
     if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(
             f"Unknown distance {distance!r}. Choose one of {sorted(DISTANCES)} "
-            "or pass a tf_codistill.losses.CodistillDistance instance."
+            "or pass a keras.distillation.DistillationLoss instance (e.g. "
+            "keras.distillation.LogitsDistillation(temperature=2.0))."
         )
     cls = DISTANCES[distance]
     if cls is LogitMSE:

@@ -12,6 +12,7 @@ through the same train step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import keras
@@ -19,42 +20,31 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tf_codistill.callbacks import PeerFailureError, training_callbacks
 from tf_codistill.checks import check_int, check_number, is_int, is_number
 from tf_codistill.exchange import Exchange, LocalExchange
-from tf_codistill.losses import CodistillDistance, get_distance
+from tf_codistill.losses import get_distance
 from tf_codistill.schedules import AlphaSchedule, Schedule
 
 __all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
 
-DATA_MODES = ("shared", "independent")
+#: Accepted `data_mode` values; "auto" is "independent" with several local
+#: members and "shared" with one (what train.py's --data_mode=auto does).
+DATA_MODES = ("auto", "shared", "independent")
 
 _LOGIT_LOSSES = {
     "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
     "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
 }
 
-
-class PeerFailureError(RuntimeError):
-    """A peer group kept sending non-finite predictions or weights."""
-
-
-class _PeerHealth(keras.callbacks.Callback):
-    """Stops training once a peer group has sent NaN/Inf in too many steps."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def on_train_batch_end(self, batch, logs=None):
-        counts = np.asarray(keras.ops.convert_to_numpy(self.model.bad_peer_steps.value))
-        worst = int(np.argmax(counts))
-        if counts[worst] >= self.limit:
-            raise PeerFailureError(
-                f"group {worst} sent NaN or Inf predictions in {int(counts[worst])} steps (limit "
-                f"max_bad_peer_steps={self.limit}); its distillation term was skipped each time. "
-                f"Group {worst} has diverged: check its learning rate and inputs, or restart it "
-                "from its last checkpoint."
-            )
+# Keras loss functions that expect probabilities unless told otherwise.
+_PROBABILITY_FUNCTIONS = {
+    keras.losses.sparse_categorical_crossentropy: "SparseCategoricalCrossentropy",
+    keras.losses.categorical_crossentropy: "CategoricalCrossentropy",
+    keras.losses.binary_crossentropy: "BinaryCrossentropy",
+    keras.losses.categorical_focal_crossentropy: "CategoricalFocalCrossentropy",
+    keras.losses.binary_focal_crossentropy: "BinaryFocalCrossentropy",
+}
 
 
 def _num_replicas() -> int:
@@ -87,15 +77,67 @@ def _weighted_mean(values, sample_weight=None):
     return mean / replicas if replicas > 1 else mean
 
 
-def _resolve_loss(loss):
+class _FunctionLoss(keras.losses.Loss):
+    """A function `(y_true, y_pred) -> per-example loss` as a `keras.losses.Loss`
+    (sample weights and the batch mean are applied by `Loss.__call__`)."""
+
+    def __init__(self, fn, name=None):
+        super().__init__(name=name or getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _resolve_loss(loss) -> keras.losses.Loss:
+    """The task loss as a `keras.losses.Loss` on logits.
+
+    Raises:
+        ValueError: a loss that expects probabilities (`from_logits=False`).
+    """
     if loss is None:
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if isinstance(loss, str) and loss in _LOGIT_LOSSES:
         return _LOGIT_LOSSES[loss](from_logits=True)
-    loss = keras.losses.get(loss)
-    if not isinstance(loss, keras.losses.Loss):
-        loss = keras.losses.LossFunctionWrapper(loss)
-    return loss
+    resolved = keras.losses.get(loss)
+    if resolved is None or not (isinstance(resolved, keras.losses.Loss) or callable(resolved)):
+        raise ValueError(
+            f"compile(loss={loss!r}): not a loss. Pass a keras.losses.Loss, the name of one, or a "
+            "function (y_true, logits) -> per-example loss."
+        )
+    if isinstance(resolved, keras.losses.Loss):
+        if getattr(resolved, "get_config", None) and resolved.get_config().get("from_logits") is False:
+            raise ValueError(
+                f"compile(loss={type(resolved).__name__}(from_logits=False)): CodistillModel's members "
+                "return logits, so this loss would read them as probabilities. Pass "
+                f"keras.losses.{type(resolved).__name__}(from_logits=True)."
+            )
+        return resolved
+    if resolved in _PROBABILITY_FUNCTIONS:
+        name = _PROBABILITY_FUNCTIONS[resolved]
+        raise ValueError(
+            f"compile(loss={loss!r}): keras.losses.{resolved.__name__} expects probabilities by default "
+            f"but CodistillModel's members return logits. Pass keras.losses.{name}(from_logits=True)."
+        )
+    return _FunctionLoss(resolved)
+
+
+def _softmax_output(member: keras.Model) -> bool:
+    """True when the member's output layer is a softmax (probabilities, not logits)."""
+    layers = getattr(member, "layers", None)
+    if not layers:
+        return False
+    last = layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    activation = getattr(last, "activation", None)
+    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+
+
+def _float32(x):
+    """Logits as float32: under a mixed precision policy members emit
+    float16/bfloat16, and every loss here is computed in float32."""
+    return ops.cast(x, "float32") if x is not None else None
 
 
 def _metric_factory(spec, sparse: bool) -> Callable[[str | None], keras.metrics.Metric]:
@@ -113,15 +155,38 @@ def _metric_factory(spec, sparse: bool) -> Callable[[str | None], keras.metrics.
     return lambda prefix: keras.metrics.MeanMetricWrapper(resolved, name=prefix + name)
 
 
+@keras.saving.register_keras_serializable(package="tf_codistill")
 class CodistillModel(keras.Model):
     """Trains several member models with codistillation (or one, synchronously).
 
     Use it like any Keras model::
 
-        model = CodistillModel([build(seed=0), build(seed=1)], alpha=1.0, distance="mse")
+        model = CodistillModel([build(seed=0), build(seed=1)], alpha=1.0)   # KL, independent data
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
-        model.fit(train_ds, validation_data=test_ds, epochs=10)
-        model.members[0].save("member0.keras")   # a plain Keras model
+        model.fit(data.independent_batches(spec, 64, num_members=2), validation_data=test_ds, epochs=10)
+        model.save("codistill.keras")            # keras.models.load_model(...) after import tf_codistill
+        model.export("serving/")                 # a SavedModel serving the ensemble
+        model.export_member(0, "member0.keras")  # one member as a plain Keras model
+
+    Saving: `get_config` holds the members, distance, alpha and
+    weight-decay schedules, data mode, `num_classes` and
+    `max_bad_peer_steps`; `save` adds the weights and the compiled
+    optimizer's state, so `keras.models.load_model` gives a model that
+    continues training where it stopped (`ModelCheckpoint("x.keras")` works).
+    The exchange is not saved: a loaded model uses `LocalExchange`. For a
+    multi-process exchange (Horovod, stale weights between processes), the
+    code that loads builds the model with its exchange as before, compiles
+    it, and restores weights and optimizer state with
+    `model.load_weights("x.keras")`.
+
+    Mixed precision: under `keras.mixed_precision.set_dtype_policy(
+    "mixed_bfloat16")` or `"mixed_float16"` (set before building the
+    members and this model) the members compute in half precision, while
+    the task loss, the distillation term and the weight decay are computed
+    in float32 from float32-cast logits. With `"mixed_float16"`, `compile`
+    wraps the optimizer in `keras.optimizers.LossScaleOptimizer` (as Keras
+    does for any model) and the train step scales the loss through
+    `optimizer.scale_loss`.
 
     Members must return logits of the same shape. Training logs `loss` (the
     objective, summed over local members and averaged), `task_loss`,
@@ -134,14 +199,20 @@ class CodistillModel(keras.Model):
         members: the member models, or a callable `index -> keras.Model`
             together with `num_groups`.
         num_groups: number of members to build when `members` is a callable.
-        distance: name in `tf_codistill.losses.DISTANCES` or a
-            `CodistillDistance`.
-        temperature: softmax temperature for the KL distances.
+        distance: name in `tf_codistill.losses.DISTANCES` (default
+            ``"kl"``: KL(peers || own) of the tempered softmaxes; see
+            docs/choosing.md for why not MSE) or any
+            `keras.distillation.DistillationLoss` instance, called as
+            `compute_loss(peers' mean logits, own logits)`.
+        temperature: softmax temperature for the named KL distances.
         alpha: weight of the distillation term, a number or an `AlphaSchedule`.
-        data_mode: ``"shared"`` (every member sees the same batch; the
-            dataset yields `(x, y)`) or ``"independent"`` (each member draws
-            its own batch; the dataset yields `((x_0, ...), (y_0, ...))`, see
-            `tf_codistill.data.independent_batches`).
+        data_mode: ``"independent"`` (each member draws its own batch, the
+            paper's protocol; the dataset yields `((x_0, ...), (y_0, ...))`,
+            see `tf_codistill.data.independent_batches`), ``"shared"``
+            (every member sees the same batch; the dataset yields `(x, y)`;
+            what per-step prediction exchange needs), or ``"auto"`` (the
+            default): independent with several local members, shared with
+            one (where the mode only matters to the exchange).
         exchange: how peer predictions arrive; defaults to `LocalExchange`.
         weight_decay: L2 coefficient on kernels (variables of rank >= 2),
             a number or a step schedule (e.g. `schedules.paper_weight_decay`).
@@ -157,7 +228,8 @@ class CodistillModel(keras.Model):
     Raises:
         ValueError: on an empty member list, members whose outputs differ in
             shape, a negative alpha, a non-positive temperature, or an
-            unknown distance or data mode.
+            unknown distance or data mode; at `compile`, on a task loss that
+            expects probabilities or members whose output layer is a softmax.
     """
 
     def __init__(
@@ -165,10 +237,10 @@ class CodistillModel(keras.Model):
         members: Sequence[keras.Model] | Callable[[int], keras.Model],
         num_groups: int | None = None,
         *,
-        distance: str | CodistillDistance = "mse",
+        distance: str | keras.distillation.DistillationLoss = "kl",
         temperature: float = 1.0,
         alpha: float | AlphaSchedule = 1.0,
-        data_mode: str = "shared",
+        data_mode: str = "auto",
         exchange: Exchange | None = None,
         weight_decay: float | Schedule = 0.0,
         num_classes: int | None = None,
@@ -180,6 +252,8 @@ class CodistillModel(keras.Model):
         members = _build_members(members, num_groups)
         if data_mode not in DATA_MODES:
             raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
+        if data_mode == "auto":
+            data_mode = "independent" if len(members) > 1 else "shared"
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
         if not (is_number(weight_decay) or callable(weight_decay)):
@@ -202,6 +276,7 @@ class CodistillModel(keras.Model):
         check_int("max_bad_peer_steps", max_bad_peer_steps)
         self.members = members
         self.distance = get_distance(distance, temperature)
+        self.temperature = temperature
         self.alpha_schedule = alpha
         self.data_mode = data_mode
         self.exchange = exchange if exchange is not None else LocalExchange()
@@ -220,8 +295,104 @@ class CodistillModel(keras.Model):
             name="bad_peer_steps",
         )
         self._check_output_shapes()
+        self._batch_hooks = None  # the callbacks train_on_batch runs (started at its first call)
         if all(m.built for m in members):
             self.built = True
+
+    # ---------------------------------------------------------------- saving
+    def get_config(self) -> dict:
+        """Everything but the weights and the exchange (see the class docstring)."""
+        serialize = keras.saving.serialize_keras_object
+        wd = self.weight_decay
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": serialize(self.dtype_policy),
+            "members": [serialize(m) for m in self.members],
+            "distance": serialize(self.distance),
+            "temperature": self.temperature,
+            "alpha": serialize(self.alpha_schedule),
+            "data_mode": self.data_mode,
+            "weight_decay": wd if isinstance(wd, float) else serialize(wd),
+            "num_classes": self.num_classes,
+            "max_bad_peer_steps": self.max_bad_peer_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> CodistillModel:
+        """Rebuilds the model with `LocalExchange` (see the class docstring)."""
+        config = copy.deepcopy(config)  # Keras's deserialisation consumes the dicts it reads
+
+        def deserialize(value):
+            return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
+
+        config["members"] = [deserialize(m) for m in config["members"]]
+        for key in ("distance", "alpha"):
+            config[key] = deserialize(config[key])
+        if isinstance(config["weight_decay"], dict):
+            config["weight_decay"] = deserialize(config["weight_decay"])
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = deserialize(config["dtype"])
+        return cls(**config)
+
+    def get_compile_config(self) -> dict:
+        """What `compile` was given, for `keras.models.load_model`."""
+        if not self.compiled or not hasattr(self, "_codistill_compile_args"):
+            return {}
+        return {k: keras.saving.serialize_keras_object(v) for k, v in self._codistill_compile_args.items()}
+
+    def compile_from_config(self, config: dict) -> None:
+        """Compiles as saved and builds the optimizer, so that its saved
+        state (step count, momentum, ...) can be loaded into it."""
+        config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; a compiled model's optimizer is built
+        first, so that the saved optimizer state (step count, momentum) is
+        loaded too instead of skipped. This is how a model saved with a
+        multi-process exchange is restored with that exchange bound again."""
+        if self.compiled and self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def load_own_variables(self, store) -> None:
+        # A model saved by one group of a multi-process job counts bad steps
+        # for all its groups; loaded with the local exchange it has fewer.
+        # The counter is the exchange's business: it restarts at 0 then.
+        if "0" in store and tuple(store["0"].shape) != tuple(self.bad_peer_steps.shape):
+            return
+        super().load_own_variables(store)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """`keras.Model.export`: an inference artifact whose default
+        endpoint (`serve`) returns the logits `call` returns (the ensemble's
+        with several local members). `input_signature` defaults to the
+        members' inputs; `export_member` exports one member."""
+        if input_signature is None:
+            input_signature = self._input_signature()
+        return super().export(
+            filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+        )
+
+    def _input_signature(self) -> list:
+        member = self.members[0]
+        try:
+            inputs = member.input
+        except (AttributeError, ValueError):
+            inputs = None
+        if inputs is None:
+            raise ValueError(
+                "export(): the members have no symbolic inputs (subclassed models); pass "
+                "input_signature=[keras.InputSpec(shape=(None, ...), dtype=...)]."
+            )
+        return [
+            keras.tree.map_structure(
+                lambda t: keras.InputSpec(shape=(None, *t.shape[1:]), dtype=t.dtype), inputs
+            )
+        ]
 
     # ----------------------------------------------------------------- setup
     @property
@@ -255,9 +426,36 @@ class CodistillModel(keras.Model):
                 )
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
-        """Like `keras.Model.compile`. `loss` is the task loss on logits and
-        defaults to `SparseCategoricalCrossentropy(from_logits=True)`."""
+        """Like `keras.Model.compile`.
+
+        Args:
+            optimizer: as for Keras (wrapped in a `LossScaleOptimizer` under
+                the ``"mixed_float16"`` policy).
+            loss: the task loss on logits: `None` (the default,
+                `SparseCategoricalCrossentropy(from_logits=True)`), the names
+                ``"sparse_categorical_crossentropy"`` and
+                ``"categorical_crossentropy"`` (taken on logits), any
+                `keras.losses.Loss`, or a function
+                `(y_true, logits) -> per-example loss`.
+            metrics: metrics, reported pooled over members and per member.
+            **kwargs: other `keras.Model.compile` arguments (`jit_compile`
+                defaults to False).
+
+        Raises:
+            ValueError: a loss that expects probabilities (a Keras loss with
+                `from_logits=False`, or the plain crossentropy functions),
+                or a member whose output layer is a softmax.
+        """
+        for i, member in enumerate(self.members):
+            if _softmax_output(member):
+                raise ValueError(
+                    f"member {i} ({member.name}) ends in a softmax; CodistillModel needs logits (the "
+                    "distance and the task loss take logits). Remove the softmax from its last layer "
+                    "(e.g. Dense(classes) instead of Dense(classes, activation='softmax'))."
+                )
         self.task_loss = _resolve_loss(loss)
+        optimizer = keras.optimizers.get(optimizer)
+        self._codistill_compile_args = {"optimizer": optimizer, "loss": loss, "metrics": metrics, **kwargs}
         sparse = not isinstance(self.task_loss, keras.losses.CategoricalCrossentropy)
         factories = [_metric_factory(spec, sparse) for spec in (metrics or [])]
         n = self.num_local_members
@@ -274,6 +472,7 @@ class CodistillModel(keras.Model):
         self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if ensemble else None
         self._ensemble_metrics = [make("ensemble_") for make in factories] if ensemble else []
         kwargs.setdefault("jit_compile", False)
+        self._codistill_compile_args["jit_compile"] = kwargs["jit_compile"]
         if kwargs["jit_compile"] is True and not self.exchange.allows_xla:
             raise ValueError(
                 f"The {self.exchange.name} exchange runs collectives that must not be XLA-compiled; "
@@ -335,8 +534,8 @@ class CodistillModel(keras.Model):
         """Logits of the single member, or of the ensemble (log of the mean
         softmax) when this process holds several members."""
         if self.num_local_members == 1:
-            return self.members[0](inputs, training=training)
-        return self._ensemble_logits([m(inputs, training=training) for m in self.members])
+            return _float32(self.members[0](inputs, training=training))
+        return self._ensemble_logits([_float32(m(inputs, training=training)) for m in self.members])
 
     def predict_members(self, inputs):
         """List of every local member's logits on `inputs` (inference mode)."""
@@ -362,10 +561,45 @@ class CodistillModel(keras.Model):
         return [float(logs[f"g{i}_{name}"]) for i in range(self.num_local_members)]
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """`keras.Model.fit`, plus the callbacks the exchange needs (for
-        example the stale-weights refresh)."""
-        callbacks = list(callbacks or []) + self.training_hooks()
+        """`keras.Model.fit`, plus the callbacks of `training_callbacks`
+        that `callbacks` lacks (the stale-weights refresh, the peer-health
+        check); one the caller passed is never added a second time."""
+        self._end_batch_hooks()
+        callbacks = list(callbacks or [])
+        callbacks += training_callbacks(self, callbacks)
         return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        """`keras.Model.train_on_batch`, running `training_callbacks` around
+        the step as `fit` does: the first call starts them (e.g. takes the
+        first stale peer copies, so the distillation term is on from the
+        first step), every call runs their batch hooks (refreshing every
+        `every` steps), and a `PeerFailureError` stops it as it stops `fit`.
+        A later `fit` (or `finish_batch_training()`) ends them, which
+        publishes the final weights of a shared-directory exchange."""
+        if self._batch_hooks is None:
+            hooks = training_callbacks(self)
+            for hook in hooks:
+                hook.set_model(self)
+                hook.on_train_begin()
+            self._batch_hooks = hooks
+        step = int(ops.convert_to_numpy(self.optimizer.iterations)) if self.optimizer is not None else 0
+        for hook in self._batch_hooks:
+            hook.on_train_batch_begin(step)
+        logs = super().train_on_batch(*args, **kwargs)
+        for hook in self._batch_hooks:
+            hook.on_train_batch_end(step, logs if isinstance(logs, dict) else None)
+        return logs
+
+    def finish_batch_training(self) -> None:
+        """Ends the callbacks `train_on_batch` started (their `on_train_end`:
+        final publish, transport closed). Calling it again does nothing."""
+        self._end_batch_hooks()
+
+    def _end_batch_hooks(self) -> None:
+        hooks, self._batch_hooks = self._batch_hooks, None
+        for hook in hooks or []:
+            hook.on_train_end()
 
     # ------------------------------------------------------------ train step
     def _split(self, x, y, sample_weight):
@@ -377,7 +611,9 @@ class CodistillModel(keras.Model):
                 f"data_mode='independent' expects every element of the training data to be "
                 f"((x_0, ..., x_{n - 1}), (y_0, ..., y_{n - 1})), one batch per member; got x of "
                 f"type {type(x).__name__}. Build the dataset with "
-                "tf_codistill.data.independent_batches(...), or use data_mode='shared'."
+                "tf_codistill.data.independent_batches(...), or pass data_mode='shared' to give every "
+                "member the same (x, y) (the default, data_mode='auto', is independent with several "
+                "local members)."
             )
         sws = list(sample_weight) if isinstance(sample_weight, (tuple, list)) else [sample_weight] * n
         return list(x), list(y), sws
@@ -405,7 +641,7 @@ class CodistillModel(keras.Model):
         teachers, usable = [], []
         bad = [0.0] * self.num_groups
         for peers in peer_maps:
-            values = [ops.stop_gradient(v) for v in peers.values()]
+            values = [ops.stop_gradient(_float32(v)) for v in peers.values()]
             finite = [ops.all(ops.isfinite(v)) for v in values]
             safe = [ops.where(ops.isfinite(v), v, ops.zeros_like(v)) for v in values]
             teachers.append(safe[0] if len(safe) == 1 else ops.mean(ops.stack(safe), axis=0))
@@ -416,13 +652,20 @@ class CodistillModel(keras.Model):
         return teachers, usable
 
     def training_hooks(self) -> list:
-        """Callbacks every training loop must run (`fit` adds them itself;
-        `CodistillLoop` runs them too): the exchange's, and the peer-health
-        check."""
-        hooks = self.exchange.callbacks()
-        if self.codistilling:
-            hooks.append(_PeerHealth(self.max_bad_peer_steps))
-        return hooks
+        """New instances of the callbacks every training loop must run:
+        `tf_codistill.callbacks.training_callbacks(self)` (`fit` and
+        `train_on_batch` add them themselves; `CodistillLoop` runs them)."""
+        return training_callbacks(self)
+
+    def _distill_term(self, teacher, student, sample_weight):
+        """D(teacher, student) averaged over the batch (weighted per example
+        when there are sample weights), scaled for the strategy like Keras
+        scales its losses."""
+        if sample_weight is None:
+            value = ops.cast(self.distance.compute_loss(teacher, student), "float32")
+            replicas = _num_replicas()
+            return value / replicas if replicas > 1 else value
+        return _weighted_mean(ops.cast(self.distance.per_example(teacher, student), "float32"), sample_weight)
 
     def _weight_penalty(self):
         wd = self.weight_decay
@@ -445,7 +688,7 @@ class CodistillModel(keras.Model):
         if alpha is not None and self.exchange.alpha_scale() is not None:
             alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
         with tf.control_dependencies(checks), tf.GradientTape() as tape:
-            logits = [m(xi, training=True) for m, xi in zip(self.members, xs)]
+            logits = [_float32(m(xi, training=True)) for m, xi in zip(self.members, xs)]
             if self.codistilling:
                 peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
                 teachers, usable = self._teachers(peer_maps)
@@ -459,7 +702,7 @@ class CodistillModel(keras.Model):
                 if ti is not None:
                     if i == 0:
                         self.distance.validate_outputs(ti, zi)
-                    distill = _weighted_mean(self.distance.per_example(ti, zi), sws[i])
+                    distill = self._distill_term(ti, zi, sws[i])
                     # A peer that sent NaN/Inf: no distillation term this step.
                     distill = distill * usable[i]
                     distill_losses.append(distill)
@@ -519,7 +762,7 @@ class CodistillModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         n = self.num_local_members
-        logits = [m(x, training=False) for m in self.members]
+        logits = [_float32(m(x, training=False)) for m in self.members]
         replicas = _num_replicas()
         batch = ops.shape(logits[0])[0]
         losses = [self.task_loss(y, z, sample_weight=sample_weight) * replicas for z in logits]

@@ -29,6 +29,9 @@ __all__ = [
 
 Schedule = keras.optimizers.schedules.LearningRateSchedule
 
+# Registered, so that a saved model or optimizer that uses them loads by name.
+_register = keras.saving.register_keras_serializable(package="tf_codistill")
+
 
 def _check_boundaries(boundaries) -> list[int]:
     steps = [check_int(f"boundaries[{i}]", b, 0) for i, b in enumerate(boundaries)]
@@ -65,6 +68,7 @@ def milestone_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
     return [max(1, int(round(f * total_steps))) for f in fractions]
 
 
+@_register
 class PiecewiseConstant(Schedule):
     """values[i] while step < boundaries[i]; values[-1] after the last one."""
 
@@ -88,6 +92,7 @@ class PiecewiseConstant(Schedule):
         return {"boundaries": self.boundaries, "values": self.values}
 
 
+@_register
 class WarmupPiecewiseDecay(Schedule):
     """Linear warmup from 0 to `peak_lr`, then x`decay_factor` at each boundary.
 
@@ -130,6 +135,7 @@ class WarmupPiecewiseDecay(Schedule):
         }
 
 
+@_register
 class WarmupCosineDecay(Schedule):
     """Linear warmup to `peak_lr`, then half a cosine down to 0 at `total_steps`."""
 
@@ -188,6 +194,7 @@ def paper_weight_decay(
     return PiecewiseConstant(list(lr_boundaries[:2]), list(values))
 
 
+@_register
 class AlphaSchedule(Schedule):
     """Weight of the distillation term per step.
 

@@ -58,7 +58,14 @@ class Exchange:
         return {}
 
     def callbacks(self) -> list:
-        """Keras callbacks `fit` must run (e.g. refreshing stale copies)."""
+        """New instances of the callbacks every training loop must run for
+        this transport (e.g. `tf_codistill.callbacks.StaleWeightsRefresh`).
+
+        `CodistillModel.fit` and `train_on_batch` add them; custom loops get
+        them through `tf_codistill.callbacks.training_callbacks(model)`.
+        Use public callback classes with an `exchange` attribute, so that
+        `fit` recognises one the user passed and does not add a second.
+        """
         return []
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:

@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_codistill.callbacks import StaleWeightsRefresh
 from tf_codistill.checks import check_int, is_number
 from tf_codistill.exchange.base import Exchange
 from tf_codistill.files import probe_writable
@@ -576,40 +577,8 @@ class StaleWeightsExchange(Exchange):
         self._staleness.assign(float(max(steps)) if steps else 0.0)
 
     def callbacks(self) -> list:
-        return [_RefreshCallback(self)]
+        # Public, so that a loop can run it and `fit` can tell it was passed.
+        return [StaleWeightsRefresh(self)]
 
     def close(self) -> None:
         self.transport.close()
-
-
-class _RefreshCallback(keras.callbacks.Callback):
-    """Publishes and refreshes between training steps."""
-
-    def __init__(self, exchange: StaleWeightsExchange):
-        super().__init__()
-        self.exchange = exchange
-
-    def _step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
-
-    def on_train_begin(self, logs=None):
-        self.exchange.start(self._step())
-
-    def on_train_batch_begin(self, batch, logs=None):
-        every = self.exchange.every
-        step = self._step()
-        due = every > 0 and step % every == 0 and step > 0
-        if due:
-            self.exchange.refresh(step, publish=True)
-        elif not self.exchange.transport.synchronous and every > 0 and step % max(1, every // 5) == 0:
-            # Cheap check between refreshes: apply a newer peer snapshot if the
-            # background reader has one, and notice stale peers.
-            self.exchange.refresh(step, publish=False)
-        else:
-            self.exchange.tick(step)
-
-    def on_train_end(self, logs=None):
-        step = self._step()
-        if not self.exchange.transport.synchronous:
-            self.exchange.transport.finish(self.exchange._own_snapshots(step))
-        self.exchange.close()

@@ -1,0 +1,169 @@
+"""The callbacks a codistillation training loop runs between steps.
+
+`CodistillModel.fit` adds the ones a model needs by itself, so most users
+never name them. A custom loop (or `CodistillLoop`) gets them from
+`training_callbacks(model)` and calls `on_train_begin`,
+`on_train_batch_begin`, `on_train_batch_end` and `on_train_end` around its
+steps, as `fit` does::
+
+    hooks = tf_codistill.callbacks.training_callbacks(model)
+    for hook in hooks:
+        hook.set_model(model)
+        hook.on_train_begin()
+    for step, batch in enumerate(dataset):
+        for hook in hooks:
+            hook.on_train_batch_begin(step)
+        logs = model.train_on_batch(*batch, return_dict=True)   # or your own step
+        for hook in hooks:
+            hook.on_train_batch_end(step, logs)
+    for hook in hooks:
+        hook.on_train_end()
+
+Passing one of them to `fit` yourself is allowed: `fit` then does not add a
+second one of the same kind (for the same exchange).
+
+This module imports nothing from the rest of the library, so the exchanges
+and the model can both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+__all__ = [
+    "PeerFailureError",
+    "PeerHealthCheck",
+    "StaleWeightsRefresh",
+    "training_callbacks",
+]
+
+
+class PeerFailureError(RuntimeError):
+    """A peer group kept sending non-finite predictions or weights."""
+
+
+class PeerHealthCheck(keras.callbacks.Callback):
+    """Stops training once a peer group has sent NaN/Inf in too many steps.
+
+    `CodistillModel` skips the distillation term of a step in which a peer's
+    predictions are not finite and counts such steps per group in
+    `model.bad_peer_steps`; this callback turns a count that reaches the
+    limit into an error naming the group.
+
+    Args:
+        max_bad_peer_steps: steps with non-finite predictions a group may
+            send before training stops; `None` takes the model's
+            `max_bad_peer_steps`.
+
+    Raises:
+        PeerFailureError: (during training) when a group reaches the limit.
+    """
+
+    def __init__(self, max_bad_peer_steps: int | None = None):
+        super().__init__()
+        if max_bad_peer_steps is not None and (
+            isinstance(max_bad_peer_steps, bool) or not isinstance(max_bad_peer_steps, int)
+        ):
+            raise TypeError(f"max_bad_peer_steps must be an integer or None, got {max_bad_peer_steps!r}.")
+        if max_bad_peer_steps is not None and max_bad_peer_steps < 1:
+            raise ValueError(f"max_bad_peer_steps must be >= 1, got {max_bad_peer_steps}.")
+        self.max_bad_peer_steps = max_bad_peer_steps
+
+    @property
+    def limit(self) -> int:
+        if self.max_bad_peer_steps is not None:
+            return self.max_bad_peer_steps
+        return int(self.model.max_bad_peer_steps)
+
+    def check(self) -> None:
+        """Raises `PeerFailureError` if a group has reached the limit."""
+        counts = np.asarray(keras.ops.convert_to_numpy(self.model.bad_peer_steps.value))
+        worst = int(np.argmax(counts))
+        limit = self.limit
+        if counts[worst] >= limit:
+            raise PeerFailureError(
+                f"group {worst} sent NaN or Inf predictions in {int(counts[worst])} steps (limit "
+                f"max_bad_peer_steps={limit}); its distillation term was skipped each time. "
+                f"Group {worst} has diverged: check its learning rate and inputs, or restart it "
+                "from its last checkpoint."
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Also here: a loop that runs only the begin hooks still stops.
+        self.check()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.check()
+
+
+class StaleWeightsRefresh(keras.callbacks.Callback):
+    """Publishes this process's weights and refreshes the stale peer copies.
+
+    The stale-weights exchange (`StaleWeightsExchange`) needs it: at the
+    start of training it publishes the first snapshot and takes the first
+    peer copies (until then the distillation term is off: `peer_scale` is
+    0); every `exchange.every` steps it publishes and refreshes again;
+    between refreshes it applies newer snapshots a background reader found;
+    at the end it publishes the final weights and closes the transport.
+
+    Args:
+        exchange: the model's `StaleWeightsExchange`.
+    """
+
+    def __init__(self, exchange):
+        super().__init__()
+        self.exchange = exchange
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        self.exchange.start(self._step())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        exchange = self.exchange
+        every = exchange.every
+        step = self._step()
+        if every > 0 and step % every == 0 and step > 0:
+            exchange.refresh(step, publish=True)
+        elif not exchange.transport.synchronous and every > 0 and step % max(1, every // 5) == 0:
+            # Cheap check between refreshes: apply a newer peer snapshot if the
+            # background reader has one, and notice stale peers.
+            exchange.refresh(step, publish=False)
+        else:
+            exchange.tick(step)
+
+    def on_train_end(self, logs=None):
+        exchange = self.exchange
+        if not exchange.transport.synchronous:
+            exchange.transport.finish(exchange._own_snapshots(self._step()))
+        exchange.close()
+
+
+def _same_kind(a: keras.callbacks.Callback, b: keras.callbacks.Callback) -> bool:
+    if type(a) is not type(b):
+        return False
+    return getattr(a, "exchange", None) is getattr(b, "exchange", None)
+
+
+def training_callbacks(model, callbacks: Sequence[keras.callbacks.Callback] | None = None) -> list:
+    """The callbacks `model`'s training loop must run and `callbacks` lacks.
+
+    Args:
+        model: a `CodistillModel`.
+        callbacks: callbacks the caller already runs; a needed callback of
+            the same type (and, for the refresh, the same exchange) counts as
+            present and is not returned again.
+
+    Returns:
+        A new list: the exchange's callbacks (e.g. `StaleWeightsRefresh`),
+        then `PeerHealthCheck` when the model has peers.
+    """
+    given = list(callbacks or [])
+    needed = list(model.exchange.callbacks())
+    if model.codistilling:
+        needed.append(PeerHealthCheck())
+    return [c for c in needed if not any(_same_kind(c, g) for g in given)]
