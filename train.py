@@ -133,7 +133,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def main(argv):
+def main(argv, model_fn=None):
+    """Flags -> config -> run -> exit status. `model_fn(spec, seed)` builds a
+    member instead of the `--model` registry entry (benchmarks use it)."""
     del argv  # parse_flags accepts no positional arguments
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -150,7 +152,7 @@ def main(argv):
     from tf_codistill.runner import train_and_evaluate
 
     try:
-        train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir, model_fn=model_fn)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

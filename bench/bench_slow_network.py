@@ -75,6 +75,7 @@ HOST_IFACE = "eth0"
 NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "tfcd-bench-slow-network.lock")
 WIDE_MLP = "mlp_wide"
+WIDE_MLP_BASE = "mlp"  # the registry entry it widens (train.py validates --model against the registry)
 NEEDS_ROOT = "bench_slow_network: needs root (creates network namespaces); skipping."
 
 
@@ -645,21 +646,30 @@ def parse_args(argv):
 
 
 def worker_main(argv: list[str]) -> None:
-    """Inside a namespace: register the wide MLP, then run train.py as __main__."""
-    import runpy
+    """Inside a namespace: train.py's main with the wide MLP as the member builder."""
+    import functools
 
     hidden, train_args = int(argv[0]), argv[1:]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO)
-    import models
-    from models import mlp
+    from absl import app
 
-    models.MODELS[WIDE_MLP] = lambda input_shape, num_classes: mlp.build(
-        input_shape, num_classes, hidden=hidden
-    )
-    train = os.path.join(REPO, "train.py")
-    sys.argv = [train, *train_args]
-    runpy.run_path(train, run_name="__main__")
+    import train
+
+    model_fn = None
+    if f"--model={WIDE_MLP}" in train_args:
+        train_args = [f"--model={WIDE_MLP_BASE}" if a == f"--model={WIDE_MLP}" else a for a in train_args]
+
+        def model_fn(spec, seed):
+            import keras
+
+            from models import mlp
+
+            keras.utils.set_random_seed(seed)
+            return mlp.build(spec.input_shape, spec.num_classes, hidden=hidden)
+
+    main = functools.partial(train.main, model_fn=model_fn)
+    app.run(main, argv=[os.path.join(REPO, "train.py"), *train_args], flags_parser=train.parse_flags)
 
 
 def prepare_data(args, timeout: float) -> None:

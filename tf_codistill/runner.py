@@ -224,6 +224,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     from tf_codistill import CodistillModel
 
     rt = plan.runtime
+    custom_model = model_fn is not None
     model_fn = model_fn or default_model_fn(config)
     _, _, lr, wd, alpha = _arm_settings(config, plan.arm, plan.total_steps, plan.steps_per_epoch)
     os.makedirs(plan.directory, exist_ok=True)
@@ -325,7 +326,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         else ("allreduce" if rt.world_size > 1 else "none"),
         "data_mode": rt.data_orders if plan.groups > 1 else "shared",
         "dataset": spec.name,
-        "model": config.model,
+        "model": members[0].name if custom_model else config.model,
         "seed": config.seed,
         "steps": steps_run,
         "epochs": plan.epochs,
@@ -444,6 +445,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
             "--steps_per_execution > 1 fails inside Keras 3.15 under MultiWorkerMirroredStrategy "
             "(a placeholder in the multi-step loop is never fed); use 1 for groups of several workers."
         )
+    custom_model_fn = model_fn
     model_fn = model_fn or default_model_fn(config)
     probe = model_fn(spec, 0)
     data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
@@ -456,7 +458,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     runs, histories, backups = [], {}, []
     for arm in arms:
         plan = plan_arm(config, arm, runtimes[arm], spec.num_train, workdir)
-        entry, history, backup = run_arm(config, plan, spec, model_fn)
+        entry, history, backup = run_arm(config, plan, spec, custom_model_fn)
         if plan.runtime.distributed:
             entry = _merge_ranks(entry, plan.runtime)
         runs.append(entry)
