@@ -163,4 +163,4 @@ bazel-test: $(STAMP) horovod
 	tools/bazel_test.sh
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-ci-* runs build *.egg-info .pytest_cache
