@@ -23,7 +23,13 @@ setup(
     version="0.1.0",
     description="Codistillation for TensorFlow/Keras: replica groups that distil from each other "
     "instead of all-reducing gradients (Sinha et al., 2021).",
-    python_requires=">=3.11,<3.12",
+    # TensorFlow 2.21 has wheels for CPython 3.11-3.13; Horovod builds on each (docs/python_versions.md).
+    python_requires=">=3.11,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=find_packages(include=["tf_codistill", "tf_codistill.*", "models", "models.*"]),
     install_requires=CORE,
     extras_require={

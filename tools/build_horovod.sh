@@ -9,12 +9,17 @@
 # Steps (idempotent, safe to rerun):
 #   1. Fast path: horovod 0.28.1 already imports, was built against the
 #      installed TensorFlow, and hvd.init() works -> exit 0.
-#   2. Cached wheel for this TF version in
-#      ${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}/wheels/tf-<version>/
+#   2. Cached wheel for this Python and TF version in
+#      ${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}/wheels/<cpXY>-tf-<version>/
+#      (e.g. cp312-tf-2.21.0; a wheel in the older layout wheels/tf-<version>/
+#      with the right cpXY tag is copied over and used)
 #      -> pip install --no-deps it, verify, exit.
-#   3. Otherwise build from the PyPI sdist (about 3-8 min on 2 cores), with two
-#      source fixes (see patch_sdist below), store the wheel in the cache
-#      atomically, install it, verify.
+#   3. Otherwise build from the PyPI sdist (about 3-8 min on 2 cores), with the
+#      source fixes below ("Source fix"), store the wheel in the cache atomically,
+#      install it, verify.
+#
+# Python 3.11, 3.12 and 3.13 are supported (docs/python_versions.md); the same
+# fixes apply to all three.
 #
 # Environment: TF_CODISTILL_CACHE (cache root), MAKEFLAGS (default -j$(nproc)).
 set -euo pipefail
@@ -85,7 +90,10 @@ fi
 TF_VERSION="$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)" \
     || die "cannot import tensorflow with $PY; install the project requirements first"
 PY_TAG="$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
-WHEEL_DIR="$CACHE_ROOT/wheels/tf-$TF_VERSION"   # TF upgrade => new dir => rebuild
+# One directory per (Python, TF): a wheel built for cp311 is never offered to a
+# cp312 venv, and a TF upgrade means a new directory, hence a rebuild.
+WHEEL_DIR="$CACHE_ROOT/wheels/$PY_TAG-tf-$TF_VERSION"
+LEGACY_WHEEL_DIR="$CACHE_ROOT/wheels/tf-$TF_VERSION"   # layout before the Python tag was in the key
 mkdir -p "$WHEEL_DIR"
 BUILD_LOG="$CACHE_ROOT/build-$(date +%Y%m%d-%H%M%S).log"
 LOG_HINT=""   # set once a build has written $BUILD_LOG
@@ -100,6 +108,18 @@ find_cached_wheel() {
     local w
     for w in "$WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-"$PY_TAG"-*.whl; do
         [ -f "$w" ] && { echo "$w"; return 0; }
+    done
+    # Older layout (wheels/tf-<version>/, shared by all Pythons; the file name
+    # carries the cpXY tag). Copy the wheel into the new layout, leaving the
+    # old one where it is for checkouts that still look there.
+    for w in "$LEGACY_WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-"$PY_TAG"-*.whl; do
+        if [ -f "$w" ]; then
+            cp "$w" "$WHEEL_DIR/.horovod-wheel.partial.$$" \
+                && mv -f "$WHEEL_DIR/.horovod-wheel.partial.$$" "$WHEEL_DIR/$(basename "$w")" \
+                && { echo "$WHEEL_DIR/$(basename "$w")"; return 0; }
+            rm -f "$WHEEL_DIR/.horovod-wheel.partial.$$"
+            echo "$w"; return 0
+        fi
     done
     return 1
 }
@@ -155,6 +175,7 @@ install_wheel() {
 #    while we waited on the lock).
 # ---------------------------------------------------------------------------
 if WHEEL="$(find_cached_wheel)"; then
+    exec 9>&-   # the cache is settled for us; others need not wait on our install/verify
     log "using cached wheel $WHEEL"
     install_wheel "$WHEEL"
     verify
@@ -221,6 +242,15 @@ grep -q 'xla_mpi_ops\.cc' "$SRC/horovod/tensorflow/CMakeLists.txt" \
 sed -i '/xla_mpi_ops\.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
 # Source fix 2 is not a source edit: TF's headers include <farmhash.h>, which
 # is provided by libfarmhash-dev (step 3a).
+# Source fix 3 (Python 3.12+): distutils is gone from the standard library, and
+# horovodrun imports horovod.runner.js_run, which does
+# `from distutils.spawn import find_executable`. It then works only while
+# setuptools' distutils shim happens to be installed in the venv; use the
+# standard library's shutil.which (same contract: path or None) instead.
+JS_RUN="$SRC/horovod/runner/js_run.py"
+grep -q '^from distutils.spawn import find_executable$' "$JS_RUN" \
+    || die "unexpected sdist layout: distutils import not found in horovod/runner/js_run.py"
+sed -i 's/^from distutils.spawn import find_executable$/from shutil import which as find_executable/' "$JS_RUN"
 
 log "building wheel (MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}; ~3-8 min on 2 cores); log: $BUILD_LOG"
 start=$(date +%s)
@@ -246,6 +276,7 @@ cp "${BUILT[0]}" "$PARTIAL"
 mv -f "$PARTIAL" "$WHEEL_DIR/$NAME"
 WHEEL="$WHEEL_DIR/$NAME"
 log "cached wheel: $WHEEL"
+exec 9>&-   # release the build lock before the (slow) install and verification
 
 install_wheel "$WHEEL"
 verify
