@@ -135,6 +135,7 @@ def write_bytes(path: str, data: bytes, sync: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         return
+    remove(path)  # TensorFlow's ram:// appends to an existing file instead of truncating it
     with _gfile().GFile(path, "wb") as f:
         f.write(data)
 
@@ -172,6 +173,7 @@ def copy_from_local(local_path: str, path: str) -> None:
 
         shutil.copyfile(local_path, _local(path))
     else:
+        remove(path)  # as in write_bytes: not every filesystem truncates
         _gfile().copy(local_path, path, overwrite=True)
 
 
