@@ -347,20 +347,32 @@ class HorovodWeightsTransport(Transport):
     def exchange(self, snapshots, step):
         import horovod.tensorflow as hvd
 
+        from tf_codistill.exchange.horovod import HOST_DEVICE, on_host
+
         topo = self.topology
         groups = topo.num_groups
-        if topo.is_group_chief:
-            flat = np.concatenate([w.reshape(-1) for w in snapshots[0].weights]).astype(np.float32)
-            gathered = hvd.allgather(
-                tf.constant(flat[None, :]), name="codistill_weights", process_set=self.leaders_set
-            )
-        else:
-            gathered = tf.zeros([groups, sum(self._sizes)], tf.float32)
-        if topo.group_size > 1:
-            leader = topo.group_ranks()[0]
-            gathered = hvd.broadcast(
-                gathered, root_rank=leader, name="codistill_weights_bcast", process_set=self.group_set
-            )
+        # On the host (on_host): the weights come from and go to NumPy, and a
+        # Gloo-only Horovod has no GPU kernels.
+        with tf.device(HOST_DEVICE):
+            if topo.is_group_chief:
+                flat = np.concatenate([w.reshape(-1) for w in snapshots[0].weights]).astype(np.float32)
+                gathered = on_host(
+                    hvd.allgather,
+                    tf.constant(flat[None, :]),
+                    name="codistill_weights",
+                    process_set=self.leaders_set,
+                )
+            else:
+                gathered = tf.zeros([groups, sum(self._sizes)], tf.float32)
+            if topo.group_size > 1:
+                leader = topo.group_ranks()[0]
+                gathered = on_host(
+                    hvd.broadcast,
+                    gathered,
+                    root_rank=leader,
+                    name="codistill_weights_bcast",
+                    process_set=self.group_set,
+                )
         gathered = gathered.numpy()
         for g in range(groups):
             if g == topo.group:
