@@ -1,5 +1,8 @@
 """The Kubernetes manifests in deploy/k8s: well-formed objects, and train.py commands it accepts.
 
+Also: every job comes with a NetworkPolicy admitting only its own pods; GPU manifests run one
+worker per GPU on the GPU image, CPU ones request no GPU; both Dockerfiles install what they claim.
+
 Every YAML document is checked structurally (apiVersion/kind, replica specs, images, resources,
 volumes, the MPIJob launcher's `horovodrun -np`), and, where the Kubeflow training SDK
 (`kubeflow-training`) is installed, deserialized into its models and serialized back: a field the
@@ -22,17 +25,27 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERFILE_GPU = REPO / "deploy" / "Dockerfile.gpu"
 IMAGE = "REGISTRY/tf-codistill:latest"
+GPU_IMAGE = "REGISTRY/tf-codistill-gpu:latest"
+GPU = "nvidia.com/gpu"
 MANIFESTS = {
     "sync-tfjob.yaml",
     "codistill-weights-pvc.yaml",
     "codistill-predictions-tfjob.yaml",
     "codistill-predictions-mpijob.yaml",
+    "codistill-predictions-tfjob-gpu.yaml",
+    "codistill-predictions-mpijob-gpu.yaml",
 }
+# The label both operators put on every pod of a job (value: the job's name): kubeflow/common
+# pkg/apis/common/v1/constants.go JobNameLabel (Training Operator), and mpi-operator's
+# pkg/controller/mpi_job_controller.go defaultLabels (v2beta1).
+JOB_LABEL = "training.kubeflow.org/job-name"
 
 TFJOB = ("kubeflow.org/v1", "TFJob")
 MPIJOB = ("kubeflow.org/v2beta1", "MPIJob")
 PVC = ("v1", "PersistentVolumeClaim")
+NETPOL = ("networking.k8s.io/v1", "NetworkPolicy")
 TFJOB_SPEC_KEYS = {"runPolicy", "tfReplicaSpecs", "successPolicy", "enableDynamicWorker"}
 TF_REPLICA_TYPES = {"Chief", "Master", "PS", "Worker", "Evaluator"}
 MPIJOB_SPEC_KEYS = {
@@ -172,7 +185,7 @@ def test_expected_manifests_present():
 @pytest.mark.parametrize("name,index,doc", DOCS, ids=DOC_IDS)
 def test_object_header(name, index, doc):
     assert isinstance(doc, dict), f"{name}#{index} is not a mapping"
-    assert _kind(doc) in (TFJOB, MPIJOB, PVC), f"{name}#{index}: unexpected {_kind(doc)}"
+    assert _kind(doc) in (TFJOB, MPIJOB, PVC, NETPOL), f"{name}#{index}: unexpected {_kind(doc)}"
     meta = doc.get("metadata") or {}
     job = meta.get("name", "")
     assert DNS_LABEL.match(job) and len(job) <= 40, f"{name}#{index}: bad metadata.name {job!r}"
@@ -193,6 +206,10 @@ def test_structure(name, index, doc):
     if _kind(doc) == PVC:
         assert "ReadWriteMany" in spec["accessModes"], f"{where}: the shared claim must be ReadWriteMany"
         assert QUANTITY.match(str(spec["resources"]["requests"]["storage"])), where
+        return
+    if _kind(doc) == NETPOL:
+        assert set(spec) <= {"podSelector", "policyTypes", "ingress", "egress"}, where
+        assert spec["policyTypes"] == ["Ingress"], f"{where}: ingress only (egress stays open: DNS, data)"
         return
     if _kind(doc) == TFJOB:
         assert set(spec) <= TFJOB_SPEC_KEYS, f"{where}: unknown TFJob spec keys {set(spec) - TFJOB_SPEC_KEYS}"
@@ -227,7 +244,8 @@ def test_structure(name, index, doc):
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for container in containers:
             cat = f"{at} container {container.get('name')!r}"
-            assert container["image"] == IMAGE, f"{cat}: image must be the placeholder {IMAGE}"
+            image = GPU_IMAGE if name.endswith("-gpu.yaml") else IMAGE
+            assert container["image"] == image, f"{cat}: image must be the placeholder {image}"
             command = _command(container)
             assert command and all(isinstance(a, str) for a in command), f"{cat}: command"
             requests = container.get("resources", {}).get("requests", {})
@@ -280,8 +298,8 @@ def _roundtrip(client, data: dict, klass: str) -> dict:
 
 @pytest.mark.parametrize("name,index,doc", DOCS, ids=DOC_IDS)
 def test_kubeflow_sdk_models(name, index, doc):
-    """TFJob (KubeflowOrgV1TFJob) and PersistentVolumeClaim (kubernetes V1PersistentVolumeClaim)
-    round-trip whole; the v2beta1 MPIJob has no model in the SDK, so its replica specs and run
+    """TFJob (KubeflowOrgV1TFJob), PersistentVolumeClaim and NetworkPolicy (kubernetes
+    V1PersistentVolumeClaim, V1NetworkPolicy) round-trip whole; the v2beta1 MPIJob has no model in the SDK, so its replica specs and run
     policy (the common kubeflow types) round-trip piece by piece."""
     pytest.importorskip("kubeflow.training", reason="pip install kubeflow-training (requirements-dev.txt)")
     from kubeflow.training.api_client import ApiClient
@@ -292,7 +310,8 @@ def test_kubeflow_sdk_models(name, index, doc):
         pieces += [(doc["spec"].get("runPolicy", {}), "KubeflowOrgV1RunPolicy")]
         pieces += [(doc["metadata"], "V1ObjectMeta")]
     else:
-        pieces = [(doc, "KubeflowOrgV1TFJob" if _kind(doc) == TFJOB else "V1PersistentVolumeClaim")]
+        klass = {TFJOB: "KubeflowOrgV1TFJob", PVC: "V1PersistentVolumeClaim", NETPOL: "V1NetworkPolicy"}
+        pieces = [(doc, klass[_kind(doc)])]
     for data, klass in pieces:
         differences = _differences(data, _roundtrip(client, data, klass))
         assert not differences, f"{name}#{index} as {klass}: {differences}"
@@ -406,3 +425,116 @@ def test_dockerfile():
     assert "/run/sshd" in text  # sshd's privilege-separation directory (MPIJob workers)
     ignore = REPO / "deploy" / "Dockerfile.dockerignore"
     assert ".venv" in ignore.read_text().split()
+
+
+def test_gpu_dockerfile():
+    """TensorFlow's CUDA build at the pinned version in place of tensorflow-cpu, Horovod (Gloo)
+    from the same script as the CPU image, the same system packages."""
+    text = DOCKERFILE_GPU.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert re.match(
+        r"^FROM python:3\.11-slim(-\w+)?$", next(line for line in lines if line.startswith("FROM"))
+    )
+    pinned = re.search(r"^tensorflow-cpu==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
+    assert f"ARG TF_VERSION={pinned}" in lines, "Dockerfile.gpu's TF_VERSION must match requirements.txt"
+    assert '"tensorflow[and-cuda]==${TF_VERSION}"' in text
+    assert "grep -v '^tensorflow-cpu==' requirements.txt" in text  # never both TF wheels
+    assert "pip install -r requirements.txt" not in text
+    for package in ("build-essential", "cmake", "libfarmhash-dev", "openssh-server"):
+        assert re.search(rf"apt-get install[^\n]*(\\\n[^\n]*)*\b{package}\b", text), package
+    assert "tools/build_horovod.sh /usr/local/bin/python" in text
+    assert "ARG HOROVOD_NCCL=0" in lines  # NCCL for Horovod is opt-in (docs/accelerators.md)
+    assert re.search(r"pip install (--no-deps )?-e \.", text) and "/run/sshd" in text
+    assert "tf.test.is_built_with_cuda()" in text
+    ignore = REPO / "deploy" / "Dockerfile.gpu.dockerignore"
+    assert ".venv" in ignore.read_text().split()
+
+
+def _pod_specs(doc):
+    return {role: spec["template"]["spec"] for role, spec in _replica_specs(doc).items()}
+
+
+JOBS = [(name, doc) for name, _, doc in DOCS if _kind(doc) in (TFJOB, MPIJOB)]
+JOB_IDS = [doc["metadata"]["name"] for _, doc in JOBS]
+
+
+@pytest.mark.parametrize("name,job", JOBS, ids=JOB_IDS)
+def test_gpu_workers_one_per_gpu(name, job):
+    """GPU manifests: every training process has exactly one GPU (TFJob: one pod per worker;
+    MPIJob: slotsPerWorker processes per pod, one GPU each); the launcher has none. CPU
+    manifests request no GPU."""
+    gpu_file = name.endswith("-gpu.yaml")
+    slots = job["spec"].get("slotsPerWorker", 1)
+    for role, pod in _pod_specs(job).items():
+        for container in pod["containers"]:
+            limits = container.get("resources", {}).get("limits", {})
+            requests = container.get("resources", {}).get("requests", {})
+            gpus = int(limits.get(GPU, 0))  # a quantity: "1" in the manifests
+            assert int(requests.get(GPU, gpus)) == gpus, f"{name} {role}: GPU request != limit"
+            if not gpu_file or role == "Launcher":
+                assert not gpus, f"{name} {role}: requests GPUs"
+            else:
+                assert gpus == slots == 1, (
+                    f"{name} {role}: one worker per GPU, got {gpus} GPUs, {slots} slots"
+                )
+                tolerated = {t.get("key") for t in pod.get("tolerations", [])}
+                assert GPU in tolerated, f"{name} {role}: tolerate the GPU nodes' taint"
+    if gpu_file:
+        assert any(r["job"] == job["metadata"]["name"] and r["flags"].get("model") for r in RUNS)
+
+
+@pytest.mark.parametrize("name,job", JOBS, ids=JOB_IDS)
+def test_tfjob_workers_know_their_pod_ip(name, job):
+    """The TFJob rendezvous binds POD_IP (tf_codistill.topology.rendezvous_bind_address)."""
+    if _kind(job) != TFJOB:
+        return
+    for role, pod in _pod_specs(job).items():
+        (container,) = [c for c in pod["containers"] if c["name"] == "tensorflow"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("POD_IP", {}).get("valueFrom") == {"fieldRef": {"fieldPath": "status.podIP"}}, (
+            f"{name} {role}: set POD_IP from status.podIP"
+        )
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector with matchLabels only (what these policies use) against a pod's labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("name,job", JOBS, ids=JOB_IDS)
+def test_network_policy_admits_only_the_jobs_own_pods(name, job):
+    """Exactly one NetworkPolicy in the job's file selects the job's pods (labelled by the
+    operator with JOB_LABEL=<job name>), and its only ingress rule admits pods of the same job:
+    no namespaceSelector, no ipBlock, and no pod of any other job in deploy/k8s."""
+    job_name = job["metadata"]["name"]
+    pod_labels = {JOB_LABEL: job_name}
+    for role, spec in _replica_specs(job).items():
+        labels = spec["template"].get("metadata", {}).get("labels", {})
+        assert labels.get(JOB_LABEL, job_name) == job_name, f"{name} {role}: do not override {JOB_LABEL}"
+    policies = [
+        d
+        for n, _, d in DOCS
+        if n == name and _kind(d) == NETPOL and _selects(d["spec"]["podSelector"], pod_labels)
+    ]
+    assert len(policies) == 1, f"{name}: {job_name} needs exactly one NetworkPolicy selecting its pods"
+    spec = policies[0]["spec"]
+    assert spec["podSelector"] == {"matchLabels": {JOB_LABEL: job_name}}, "select by the job label only"
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert set(rule) == {"from"}, f"{name}: all ports, but only from the job's pods"
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, f"{name}: {peer} admits pods outside the namespace or by IP"
+        assert _selects(peer["podSelector"], pod_labels)
+        for other in JOB_IDS:
+            if other != job_name:
+                assert not _selects(peer["podSelector"], {JOB_LABEL: other}), f"admits {other}"
+    assert rule["from"], f"{name}: an empty 'from' admits everyone"
+
+
+def test_every_network_policy_belongs_to_a_job():
+    jobs = {doc["metadata"]["name"] for _, doc in JOBS}
+    for name, _, doc in DOCS:
+        if _kind(doc) == NETPOL:
+            selected = doc["spec"]["podSelector"].get("matchLabels", {}).get(JOB_LABEL)
+            assert selected in jobs, f"{name}: NetworkPolicy {doc['metadata']['name']} selects no job here"

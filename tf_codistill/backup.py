@@ -12,6 +12,12 @@ the one before it is used. The newest `keep` backups are kept.
 When training starts, the newest usable backup is restored and `fit`
 continues from the epoch after it: run the same command again after a crash.
 
+The directory may be local or on any `tf.io.gfile` filesystem (`gs://` for
+TPU jobs). An object store cannot rename a directory atomically, so there a
+backup is staged on local disk, its files are copied into `epoch-N/`, and its
+`meta.json` (which names the checksums) is written last, through a temporary
+name: a backup without `meta.json` is incomplete and is ignored, then deleted.
+
 Several processes (the workers of a MultiWorkerMirroredStrategy group, the
 groups of a Horovod job) each keep their own backups, and must resume from the
 same epoch: pass `agree`, a function that takes this process's usable epochs
@@ -27,16 +33,18 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 
-from tf_codistill.files import fsync_dir, probe_writable
+from tf_codistill import files
 
 WEIGHTS = "state.weights.h5"
 EXCHANGE = "exchange.npz"  # the exchange's own state (stale peer copies), when it has one
@@ -51,45 +59,51 @@ class BackupError(RuntimeError):
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    if files.is_local(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        digest.update(files.read_bytes(path))
     return digest.hexdigest()
 
 
+def _epoch_names(directory: str) -> dict[int, str]:
+    return {
+        int(name[len(_PREFIX) :]): name
+        for name in files.listdir(directory)
+        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()
+    }
+
+
 def list_backups(directory: str) -> list[int]:
-    """Epochs of the complete backups in `directory`, newest first (not yet
-    checked against their checksums)."""
-    if not os.path.isdir(directory):
-        return []
-    epochs = []
-    for name in os.listdir(directory):
-        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit():
-            if os.path.isfile(os.path.join(directory, name, META)):
-                epochs.append(int(name[len(_PREFIX) :]))
-    return sorted(epochs, reverse=True)
+    """Epochs of the complete backups in `directory` (those with a
+    `meta.json`), newest first, not yet checked against their checksums."""
+    return sorted(
+        (e for e, name in _epoch_names(directory).items() if files.exists(files.join(directory, name, META))),
+        reverse=True,
+    )
 
 
 def read_meta(directory: str, epoch: int) -> dict:
-    with open(os.path.join(directory, f"{_PREFIX}{epoch:06d}", META)) as f:
-        return json.load(f)
+    return json.loads(files.read_bytes(files.join(directory, f"{_PREFIX}{epoch:06d}", META)).decode())
 
 
 def verify(directory: str, epoch: int) -> str | None:
     """None when the backup of `epoch` is intact, else why it is not."""
-    path = os.path.join(directory, f"{_PREFIX}{epoch:06d}")
+    path = files.join(directory, f"{_PREFIX}{epoch:06d}")
     try:
         meta = read_meta(directory, epoch)
     except (OSError, ValueError) as e:
         return f"unreadable {META} ({e})"
-    files = {WEIGHTS: meta.get("sha256")}
+    expected_sums = {WEIGHTS: meta.get("sha256")}
     if meta.get("exchange_sha256"):
-        files[EXCHANGE] = meta["exchange_sha256"]
-    for name, expected in files.items():
-        if not os.path.isfile(os.path.join(path, name)):
+        expected_sums[EXCHANGE] = meta["exchange_sha256"]
+    for name, expected in expected_sums.items():
+        if not files.exists(files.join(path, name)):
             return f"{name} is missing"
         try:
-            actual = _sha256(os.path.join(path, name))
+            actual = _sha256(files.join(path, name))
         except OSError as e:
             return f"unreadable {name} ({e})"
         if actual != expected:
@@ -167,7 +181,7 @@ class Backup(keras.callbacks.Callback):
             print(f"[backup] {message}", flush=True)
 
     def _path(self, epoch: int) -> str:
-        return os.path.join(self.directory, f"{_PREFIX}{epoch:06d}")
+        return files.join(self.directory, f"{_PREFIX}{epoch:06d}")
 
     def _exchange(self):
         exchange = getattr(self.model, "exchange", None)
@@ -180,7 +194,7 @@ class Backup(keras.callbacks.Callback):
     def check_writable(self) -> None:
         """Raises BackupError when the directory cannot be created or written."""
         try:
-            probe_writable(self.directory)
+            files.probe_writable(self.directory)
         except OSError as e:
             raise BackupError(
                 f"backup directory {self.directory} is not writable ({e}); point the workdir at a "
@@ -199,11 +213,16 @@ class Backup(keras.callbacks.Callback):
         return intact_epochs(self.directory, warn)
 
     def _clean_temporaries(self) -> None:
-        if not os.path.isdir(self.directory):
-            return
-        for name in os.listdir(self.directory):
+        """Deletes what a kill mid-save left: temporary folders, and (on an
+        object store, where a backup is assembled in place) epochs without
+        their meta.json."""
+        for name in files.listdir(self.directory):
             if name.startswith(_TMP):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                files.rmtree(files.join(self.directory, name))
+        complete = set(list_backups(self.directory))
+        for epoch, name in _epoch_names(self.directory).items():
+            if epoch not in complete:
+                files.rmtree(files.join(self.directory, name))
 
     # ------------------------------------------------------------- restore
     def resume_epoch(self) -> int | None:
@@ -237,7 +256,7 @@ class Backup(keras.callbacks.Callback):
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         try:
-            model.load_weights(os.path.join(self._path(chosen), WEIGHTS))
+            self._load_weights(files.join(self._path(chosen), WEIGHTS))
         except (ValueError, KeyError) as e:
             raise BackupError(
                 f"the backup of epoch {chosen} in {self.directory} does not fit this model ({e}); it "
@@ -252,7 +271,8 @@ class Backup(keras.callbacks.Callback):
                 f"optimizer step {self.restored_step}: it belongs to another run; remove it."
             )
         if meta.get("exchange_sha256") and self._exchange() is not None:
-            with np.load(os.path.join(self._path(chosen), EXCHANGE)) as state:
+            data = files.read_bytes(files.join(self._path(chosen), EXCHANGE))
+            with np.load(io.BytesIO(data)) as state:
                 self._exchange().load_state_dict(dict(state))
         self.restored_history = {k: list(v) for k, v in meta.get("history", {}).items()}
         self.restored_extra = dict(meta.get("extra", {}))
@@ -266,45 +286,88 @@ class Backup(keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float(value))
         self.save(epoch + 1)
 
-    def save(self, epoch: int) -> str:
-        """Writes the backup of the state after `epoch` epochs, atomically."""
-        begin = time.perf_counter()
-        final = self._path(epoch)
+    def _load_weights(self, path: str) -> None:
+        if files.is_local(path):
+            self.model.load_weights(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="codistill-restore-") as local:
+            files.copy_to_local(path, os.path.join(local, WEIGHTS))
+            self.model.load_weights(os.path.join(local, WEIGHTS))
+
+    def _write_files(self, folder: str, epoch: int, sync: bool) -> None:
+        """Writes the weights, the exchange state and meta.json into the local `folder`."""
+        weights = os.path.join(folder, WEIGHTS)
+        self.model.save_weights(weights)
+        exchange_state = self._exchange_state()
+        exchange_sha = None
+        if exchange_state:
+            with open(os.path.join(folder, EXCHANGE), "wb") as f:
+                np.savez(f, **exchange_state)
+            exchange_sha = _sha256(os.path.join(folder, EXCHANGE))
+        meta = {
+            "epoch": epoch,
+            "step": int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0,
+            "sha256": _sha256(weights),
+            "exchange_sha256": exchange_sha,
+            "time": time.time(),
+            "history": self.history,
+            "extra": self.extra() if self.extra is not None else {},
+        }
+        with open(os.path.join(folder, META), "w") as f:
+            json.dump(meta, f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        if sync:
+            with open(weights, "rb+") as f:
+                os.fsync(f.fileno())
+            files.fsync_dir(folder)
+
+    def _save_local(self, epoch: int, final: str) -> None:
+        """A whole folder written under a temporary name, then renamed (atomic)."""
         tmp = os.path.join(self.directory, f"{_TMP}{epoch:06d}-{os.getpid()}")
         try:
             os.makedirs(self.directory, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            weights = os.path.join(tmp, WEIGHTS)
-            self.model.save_weights(weights)
-            exchange_state = self._exchange_state()
-            exchange_sha = None
-            if exchange_state:
-                with open(os.path.join(tmp, EXCHANGE), "wb") as f:
-                    np.savez(f, **exchange_state)
-                exchange_sha = _sha256(os.path.join(tmp, EXCHANGE))
-            meta = {
-                "epoch": epoch,
-                "step": int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0,
-                "sha256": _sha256(weights),
-                "exchange_sha256": exchange_sha,
-                "time": time.time(),
-                "history": self.history,
-                "extra": self.extra() if self.extra is not None else {},
-            }
-            with open(os.path.join(tmp, META), "w") as f:
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(weights, "rb+") as f:
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
+            self._write_files(tmp, epoch, sync=True)
             if os.path.exists(final):  # a rerun of this epoch after resuming from an older one
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            fsync_dir(self.directory)
-        except OSError as e:
+            files.fsync_dir(self.directory)
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _save_remote(self, epoch: int, final: str) -> None:
+        """Staged locally, copied into `final`, meta.json last (through a
+        temporary name): object stores rename objects, not folders."""
+        import tensorflow as tf
+
+        with tempfile.TemporaryDirectory(prefix="codistill-backup-") as local:
+            self._write_files(local, epoch, sync=False)
+            try:
+                # A rerun of this epoch: unmark the old backup before replacing its files.
+                files.remove(files.join(final, META))
+                files.makedirs(final)
+                for name in sorted(os.listdir(local)):
+                    if name != META:
+                        files.copy_from_local(os.path.join(local, name), files.join(final, name))
+                with open(os.path.join(local, META), "rb") as f:
+                    files.write_atomic(files.join(final, META), f.read())
+            except tf.errors.OpError as e:
+                raise OSError(f"{type(e).__name__}: {e.message}") from e
+
+    def save(self, epoch: int) -> str:
+        """Writes the backup of the state after `epoch` epochs, atomically."""
+        begin = time.perf_counter()
+        final = self._path(epoch)
+        try:
+            if files.is_local(self.directory):
+                self._save_local(epoch, final)
+            else:
+                self._save_remote(epoch, final)
+        except OSError as e:
             kept = list_backups(self.directory)
             where = f"the backup of epoch {kept[0]} is intact" if kept else "no earlier backup exists"
             raise BackupError(
@@ -313,7 +376,7 @@ class Backup(keras.callbacks.Callback):
                 "to resume."
             ) from e
         for old in list_backups(self.directory)[self.keep :]:
-            shutil.rmtree(self._path(old), ignore_errors=True)
+            files.rmtree(self._path(old))
         self.save_seconds += time.perf_counter() - begin
         return final
 
@@ -323,4 +386,4 @@ class Backup(keras.callbacks.Callback):
 
     def remove(self) -> None:
         """Deletes every backup (training finished; a rerun starts afresh)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        files.rmtree(self.directory)

@@ -27,12 +27,16 @@ __all__ = [
     "init_horovod",
     "group_tf_config",
     "make_group_strategy",
+    "collective_implementation_for",
+    "COLLECTIVE_IMPLEMENTATIONS",
+    "make_tpu_strategy",
     "free_port",
     "TFJobCluster",
     "read_tfjob_config",
     "launched_by_tfjob",
     "multi_process_launch",
     "bootstrap_from_tf_config",
+    "rendezvous_bind_address",
 ]
 
 
@@ -196,13 +200,57 @@ def set_tf_config(config: dict) -> None:
     os.environ["TF_CONFIG"] = json.dumps(config)
 
 
-def make_group_strategy(topo: Topology, timeout_s: float = 120.0):
+COLLECTIVE_IMPLEMENTATIONS = ("auto", "ring", "nccl")
+
+
+def collective_implementation_for(requested: str, num_gpus: int) -> str:
+    """The all-reduce MultiWorkerMirroredStrategy should use inside a group:
+    `"nccl"` on workers with GPUs, `"ring"` (gRPC, on the host) otherwise,
+    unless `requested` names one. Pure: no TensorFlow call.
+
+    Args:
+        requested: "auto", "ring" or "nccl".
+        num_gpus: GPUs this worker sees.
+
+    Raises:
+        ValueError: an unknown name, or "nccl" on a worker without a GPU.
+    """
+    if requested not in COLLECTIVE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"collective_implementation must be one of {', '.join(COLLECTIVE_IMPLEMENTATIONS)}; "
+            f"got {requested!r}."
+        )
+    if requested == "nccl" and num_gpus < 1:
+        raise ValueError(
+            "collective_implementation='nccl' needs GPUs and this worker sees none "
+            "(tf.config.list_physical_devices('GPU') is empty): use 'auto' or 'ring'."
+        )
+    if requested == "auto":
+        return "nccl" if num_gpus > 0 else "ring"
+    return requested
+
+
+def make_group_strategy(topo: Topology, timeout_s: float = 120.0, collective_implementation: str = "auto"):
     """The strategy that keeps a group's workers in lock-step: MWMS over the
     group (TF_CONFIG built by `group_tf_config`), or the default strategy for
     a group of one. Call it before any other TensorFlow op in the process.
+
+    Args:
+        topo: this process's place.
+        timeout_s: how long to wait for the group's other workers to publish
+            their addresses.
+        collective_implementation: the group's all-reduce: "auto" (NCCL when
+            this worker sees a GPU, RING otherwise), "ring" or "nccl".
+
+    Raises:
+        ValueError: a bad `collective_implementation` (before any network call).
     """
     import tensorflow as tf
 
+    # Listing physical devices does not initialise the eager context, so it
+    # may run before MultiWorkerMirroredStrategy is created.
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    implementation = collective_implementation_for(collective_implementation, gpus)
     if topo.group_size == 1:
         return tf.distribute.get_strategy()
     set_tf_config(group_tf_config(topo, timeout_s))
@@ -212,7 +260,61 @@ def make_group_strategy(topo: Topology, timeout_s: float = 120.0):
     # 30 s timeout), so a long timeout exhausts the thread limit within a
     # minute of training and the process aborts. A dead group member is
     # detected by MWMS's own peer health check and by Horovod's timeouts.
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=kinds.NCCL if implementation == "nccl" else kinds.RING
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def make_tpu_strategy(tpu: str, timeout_s: float = 30.0):
+    """A TPUStrategy for one group on a Cloud TPU (TPUClusterResolver,
+    connect, `tf.tpu.experimental.initialize_tpu_system`). TPU groups train
+    with it and exchange stale weights through `tf.io.gfile` storage
+    (`DirectoryTransport("gs://...")`): Horovod does not run on TPUs.
+
+    Args:
+        tpu: "local" on a TPU VM, the Cloud TPU's name, or "grpc://host:port"
+            of a TPU worker.
+        timeout_s: how long to try to reach a "grpc://" address before giving
+            up (TensorFlow itself would retry for minutes).
+
+    Returns:
+        A `tf.distribute.TPUStrategy`.
+
+    Raises:
+        ValueError: `tpu` is empty or not a string.
+        RuntimeError: no TPU is reachable there (the message says what was tried).
+    """
+    if not isinstance(tpu, str) or not tpu.strip():
+        raise ValueError(
+            f"tpu must name the TPU: 'local' on a TPU VM, the Cloud TPU's name, or "
+            f"grpc://host:port; got {tpu!r}."
+        )
+    hint = (
+        "Run on a TPU VM with tpu='local', or give the name (or grpc://host:port) of a TPU this "
+        "machine can reach."
+    )
+    if tpu.startswith("grpc://"):
+        host, _, port = tpu[len("grpc://") :].rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"tpu={tpu!r}: expected grpc://host:port.")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, timeout_s)).close()
+        except OSError as err:
+            raise RuntimeError(f"no TPU reachable at tpu={tpu!r} ({err}). {hint}") from None
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as err:  # ValueError, URLError, tf.errors.NotFoundError, ...: all mean "no TPU"
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RuntimeError(
+            f"no TPU reachable at tpu={tpu!r} ({type(err).__name__}: {text[:200]}). {hint}"
+        ) from err
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def agree_on_epoch(epochs) -> int | None:
@@ -238,6 +340,7 @@ def agree_on_epoch(epochs) -> int | None:
 # group_tf_config, MultiWorkerMirroredStrategy) runs as under horovodrun.
 
 RENDEZVOUS_PORT_ENV = "TF_CODISTILL_RENDEZVOUS_PORT"
+RENDEZVOUS_BIND_ENV = "TF_CODISTILL_RENDEZVOUS_BIND"
 HOST_ALIASES_ENV = "TF_CODISTILL_HOST_ALIASES"
 _BOOTSTRAP_SCOPE = "tf_codistill_bootstrap"
 _TRAINING_TYPES = ("chief", "master", "worker")  # Horovod rank order
@@ -424,10 +527,10 @@ import json, sys, threading
 from horovod.runner.common.util.hosts import SlotInfo
 from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-port, scope, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+port, scope, key, host = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
 plan = json.loads(sys.argv[4])
 try:
-    httpd = RendezvousHTTPServer(("", port), RendezvousHandler, False)
+    httpd = RendezvousHTTPServer((host, port), RendezvousHandler, False)
 except OSError as err:
     print(f"error: {err}", flush=True)
     sys.exit(1)
@@ -440,16 +543,55 @@ httpd.server_close()
 """
 
 
+def _local_address(address: str) -> bool:
+    """True when `address` (an IP) belongs to this machine: a socket binds it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def rendezvous_bind_address(cluster: TFJobCluster) -> str:
+    """Where rank 0 serves the rendezvous: this pod's own address, not every
+    interface. In order: TF_CODISTILL_RENDEZVOUS_BIND (as given; "" or
+    0.0.0.0 for every interface), POD_IP (the Kubernetes downward API, set by
+    the manifests in deploy/k8s), the IPv4 address rank 0's TF_CONFIG host
+    resolves to when it is one of this machine's. "" (every interface) only
+    when none of these is known, with a note on stdout."""
+    if RENDEZVOUS_BIND_ENV in os.environ:
+        return os.environ[RENDEZVOUS_BIND_ENV].strip()
+    pod_ip = os.environ.get("POD_IP", "").strip()
+    if pod_ip:
+        return pod_ip
+    try:
+        infos = socket.getaddrinfo(cluster.host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        infos = []
+    for info in infos:
+        if _local_address(info[4][0]):
+            return info[4][0]
+    print(
+        f"note: serving the Horovod rendezvous on every interface: {cluster.host!r} does not resolve "
+        f"to an address of this machine and neither POD_IP nor {RENDEZVOUS_BIND_ENV} is set.",
+        flush=True,
+    )
+    return ""
+
+
 class _RendezvousProcess:
     """Horovod's Gloo rendezvous server (RendezvousHTTPServer, initialised with
-    the slot plan as horovodrun's RendezvousServer.init does) on a fixed port,
-    in a child process that ends when this process closes its stdin or dies."""
+    the slot plan as horovodrun's RendezvousServer.init does) on a fixed port
+    of one address (`host`; "" for every interface), in a child process that
+    ends when this process closes its stdin or dies."""
 
-    def __init__(self, port: int, slots: list[dict], cluster: dict, timeout_s: float):
+    def __init__(self, port: int, slots: list[dict], cluster: dict, timeout_s: float, host: str = ""):
         plan = json.dumps({"slots": slots, "cluster": cluster})
         self.port = port
+        self.host = host
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_SCRIPT, str(port), _BOOTSTRAP_SCOPE, "cluster", plan],
+            [sys.executable, "-c", _SERVER_SCRIPT, str(port), _BOOTSTRAP_SCOPE, "cluster", plan, host],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -459,9 +601,12 @@ class _RendezvousProcess:
         if line != "ready":
             self.stop()
             if line.startswith("error:"):
+                where = f"{host}:{port}" if host else f"port {port}"
                 raise RuntimeError(
-                    f"cannot serve the Horovod rendezvous on port {port} ({line[6:].strip()}); another "
-                    f"process holds it. Choose a free port for every worker with {RENDEZVOUS_PORT_ENV}."
+                    f"cannot serve the Horovod rendezvous on port {port} ({where}: {line[6:].strip()}); "
+                    f"another process holds it, or the address is not this machine's. Choose a free "
+                    f"port for every worker with {RENDEZVOUS_PORT_ENV} (and the address with "
+                    f"{RENDEZVOUS_BIND_ENV} or POD_IP)."
                 )
             raise RuntimeError(
                 f"the Horovod rendezvous server (port {port}) did not start within {timeout_s:.0f}s "
@@ -521,7 +666,8 @@ def bootstrap_from_tf_config(timeout_s: float = 120.0) -> bool:
 
     With a cloud TF_CONFIG of several training tasks and no Horovod
     environment yet: rank 0 (the chief, else worker 0) serves Horovod's Gloo
-    rendezvous on port TF_CODISTILL_RENDEZVOUS_PORT (default: its own
+    rendezvous on its own address (see `rendezvous_bind_address`), on port
+    TF_CODISTILL_RENDEZVOUS_PORT (default: its own
     TF_CONFIG port, which nothing else binds: group_tf_config gives
     MultiWorkerMirroredStrategy fresh ports), every task waits for it (at
     most `timeout_s`) and sets HOROVOD_RANK/SIZE, LOCAL_RANK/SIZE,
@@ -548,7 +694,7 @@ def bootstrap_from_tf_config(timeout_s: float = 120.0) -> bool:
     slots = cluster.slots()
     if cluster.rank == 0 and "server" not in _RENDEZVOUS:
         described = {"hosts": list(cluster.hosts), "ports": list(cluster.ports)}
-        server = _RendezvousProcess(port, slots, described, timeout_s)
+        server = _RendezvousProcess(port, slots, described, timeout_s, rendezvous_bind_address(cluster))
         _RENDEZVOUS["server"] = server  # alive for this process's lifetime
         atexit.register(server.stop)
     addr = _wait_for_rendezvous(cluster, port, timeout_s)

@@ -7,6 +7,12 @@ same examples; the peers' mean is the teacher.
 
 The collectives are named and run un-compiled (`jit_compile=False`), with the
 same traced program on every rank, as Horovod requires.
+
+They run on this process's CPU (`on_host`): the logits are copied to host
+memory, gathered over Gloo, and the result is copied back to where the model
+runs. A batch x classes block is small, so a Horovod built with Gloo only
+(no NCCL) serves GPU workers, while MultiWorkerMirroredStrategy moves the
+gradients inside a group over NCCL.
 """
 
 from __future__ import annotations
@@ -17,6 +23,20 @@ import tensorflow as tf
 
 from tf_codistill.exchange.base import Exchange
 from tf_codistill.topology import Topology
+
+#: Where the cross-group collectives run: this process's CPU (in a
+#: distributed function, the CPU of this worker's task).
+HOST_DEVICE = "/cpu:0"
+
+
+def on_host(collective, tensor, **kwargs):
+    """Runs the Horovod `collective` (e.g. `hvd.allgather`) on this process's
+    CPU: `tensor` is copied to host memory first, and the result stays there
+    (the caller's next op, placed as usual, copies it back to a GPU). A
+    Horovod built with Gloo has CPU kernels only; pinning the op keeps
+    TensorFlow from placing it next to GPU inputs, or from failing to."""
+    with tf.device(HOST_DEVICE):
+        return collective(tf.identity(tensor), **kwargs)
 
 
 class HorovodExchange(Exchange):
@@ -80,10 +100,11 @@ class HorovodExchange(Exchange):
         logits = tf.stop_gradient(tf.convert_to_tensor(logits))
         if self.topology.num_groups == 1:
             return tf.expand_dims(logits, 0)
-        gathered = hvd.allgather(logits, name=name, process_set=self.pair_set)
+        gathered = on_host(hvd.allgather, logits, name=name, process_set=self.pair_set)
         # [G * batch, classes] -> [G, batch, classes]; the pair set lists
-        # ranks in group order, so block g is group g's prediction.
-        return tf.reshape(gathered, tf.concat([[self.topology.num_groups], tf.shape(logits)], 0))
+        # ranks in group order, so block g is group g's prediction. The
+        # identity outside the host scope copies it back next to the logits.
+        return tf.identity(tf.reshape(gathered, tf.concat([[self.topology.num_groups], tf.shape(logits)], 0)))
 
     def peer_logits(
         self,

@@ -9,7 +9,8 @@ Transports (where snapshots go):
 
 * `LocalTransport`: all groups in one process (tests, the exact reference:
   with `every=1` it equals the local exchange in independent-data mode).
-* `DirectoryTransport`: a shared directory. Each group's chief writes
+* `DirectoryTransport`: a shared directory, local or any `tf.io.gfile`
+  filesystem (`gs://...`). Each group's chief writes
   `group<g>/step<step>.npz` atomically (temporary name, then rename); the
   others pick up the newest complete file in a background thread. No
   collectives between groups: groups can be separate jobs, and a dead group
@@ -21,11 +22,12 @@ Transports (where snapshots go):
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import zipfile
@@ -35,10 +37,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_codistill import files
 from tf_codistill.callbacks import StaleWeightsRefresh
 from tf_codistill.checks import check_int, is_number
 from tf_codistill.exchange.base import Exchange
-from tf_codistill.files import probe_writable
 
 __all__ = [
     "StaleWeightsExchange",
@@ -51,6 +53,7 @@ __all__ = [
 log = logging.getLogger("tf_codistill")
 
 ON_STALE = ("keep", "drop")
+_SNAPSHOT = re.compile(r"^step\d+\.npz$")
 
 
 class Snapshot:
@@ -125,7 +128,9 @@ class DirectoryTransport(Transport):
     background thread so that training never waits for a peer's file.
 
     Args:
-        path: the shared exchange directory (created if missing).
+        path: the shared exchange directory (created if missing): a local
+            or network-mounted path, or any `tf.io.gfile` URL (`gs://bucket/x`
+            for TPU jobs, which have no shared disk).
         keep: snapshots to keep per group (older ones are deleted).
         poll_seconds: how often the reader looks for newer peer files.
         writer: False for workers that read but do not publish (only a
@@ -136,7 +141,7 @@ class DirectoryTransport(Transport):
 
     def __init__(self, path: str, keep: int = 3, poll_seconds: float = 0.5, writer: bool = True):
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a directory path, got {path!r}.")
+            raise TypeError(f"path must be a directory path or URL (gs://...), got {path!r}.")
         if not os.fspath(path).strip():
             raise ValueError("path is empty: give the shared exchange directory.")
         check_int("keep", keep)
@@ -146,7 +151,7 @@ class DirectoryTransport(Transport):
             raise TypeError(f"poll_seconds must be a number, got {poll_seconds!r}.")
         if not (math.isfinite(poll_seconds) and poll_seconds > 0):
             raise ValueError(f"poll_seconds must be a finite number > 0, got {poll_seconds}.")
-        self.path = os.path.abspath(path)
+        self.path = files.absolute(path)
         self.keep = int(keep)
         self.poll_seconds = poll_seconds
         self.writer = writer
@@ -164,7 +169,7 @@ class DirectoryTransport(Transport):
     def check_writable(self) -> None:
         """Raises ValueError now (at start-up) if the directory is unusable."""
         try:
-            probe_writable(self.path)
+            files.probe_writable(self.path)
         except OSError as err:
             raise ValueError(
                 f"exchange directory {self.path} is not writable ({err.strerror or err}); "
@@ -174,50 +179,52 @@ class DirectoryTransport(Transport):
 
     # writing ---------------------------------------------------------------
     def _group_dir(self, group: int) -> str:
-        return os.path.join(self.path, f"group{group}")
+        return files.join(self.path, f"group{group}")
+
+    def _snapshot_names(self, group: int) -> list[str]:
+        """Complete snapshot files of `group`, oldest first (temporary names excluded)."""
+        return sorted(n for n in files.listdir(self._group_dir(group)) if _SNAPSHOT.match(n))
 
     def write(self, snapshot: Snapshot) -> str:
-        """Writes one snapshot atomically; returns its path."""
+        """Writes one snapshot atomically (a temporary name, then a rename:
+        rename(2) on a local disk, copy+delete on Cloud Storage, where the
+        final object still appears whole); returns its path."""
         folder = self._group_dir(snapshot.group)
-        os.makedirs(folder, exist_ok=True)
-        final = os.path.join(folder, f"step{snapshot.step:010d}.npz")
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{snapshot.step}.npz")
+        files.makedirs(folder)
+        final = files.join(folder, f"step{snapshot.step:010d}.npz")
+        tmp = files.join(folder, f".tmp-{os.getpid()}-{snapshot.step}.npz")
         meta = {"group": snapshot.group, "step": snapshot.step, "shapes": _shapes(snapshot.weights)}
         arrays = {f"w{i}": w for i, w in enumerate(snapshot.weights)}
-        with open(tmp, "wb") as f:
-            np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        for old in sorted(glob.glob(os.path.join(folder, "step*.npz")))[: -self.keep]:
-            try:
-                os.remove(old)
-            except FileNotFoundError:
-                pass
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        files.write_bytes(tmp, buffer.getvalue())  # fsynced when local
+        try:
+            files.replace(tmp, final)
+        except BaseException:
+            files.remove(tmp)
+            raise
+        for old in self._snapshot_names(snapshot.group)[: -self.keep]:
+            files.remove(files.join(folder, old))
         return final
 
     def _done_path(self, group: int) -> str:
-        return os.path.join(self._group_dir(group), "DONE")
+        return files.join(self._group_dir(group), "DONE")
 
     def finish(self, snapshots):
         if not self.writer:
             return
         for snapshot in snapshots:
             self.write(snapshot)  # now, not queued: the job is about to exit
-            with open(self._done_path(snapshot.group), "w") as f:
-                f.write(str(snapshot.step))
+            files.write_bytes(self._done_path(snapshot.group), str(snapshot.step).encode())
 
     def finished(self, group):
-        return os.path.exists(self._done_path(group))
+        return files.exists(self._done_path(group))
 
     def publish(self, snapshots):
         if not self.writer:
             return
         for snapshot in snapshots:  # a (re)started group is not finished
-            try:
-                os.remove(self._done_path(snapshot.group))
-            except FileNotFoundError:
-                pass
+            files.remove(self._done_path(snapshot.group))
         with self._lock:
             self._write_queue.append(list(snapshots))
             self._write_ready.notify()
@@ -240,15 +247,16 @@ class DirectoryTransport(Transport):
     # reading ---------------------------------------------------------------
     def read(self, path: str) -> Snapshot:
         """Loads one snapshot file (raises on a truncated or corrupt file)."""
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as data:
             meta = json.loads(bytes(data["__meta__"]).decode())
             weights = [np.array(data[f"w{i}"]) for i in range(len(meta["shapes"]))]
         return Snapshot(int(meta["group"]), int(meta["step"]), weights)
 
     def newest(self, group: int) -> Snapshot | None:
-        """The newest readable snapshot of `group` on disk; corrupt or
-        truncated files are skipped with a warning."""
-        for path in sorted(glob.glob(os.path.join(self._group_dir(group), "step*.npz")), reverse=True):
+        """The newest readable snapshot of `group` in the directory; corrupt
+        or truncated files are skipped with a warning."""
+        for name in reversed(self._snapshot_names(group)):
+            path = files.join(self._group_dir(group), name)
             try:
                 return self.read(path)
             except FileNotFoundError:
@@ -340,20 +348,32 @@ class HorovodWeightsTransport(Transport):
     def exchange(self, snapshots, step):
         import horovod.tensorflow as hvd
 
+        from tf_codistill.exchange.horovod import HOST_DEVICE, on_host
+
         topo = self.topology
         groups = topo.num_groups
-        if topo.is_group_chief:
-            flat = np.concatenate([w.reshape(-1) for w in snapshots[0].weights]).astype(np.float32)
-            gathered = hvd.allgather(
-                tf.constant(flat[None, :]), name="codistill_weights", process_set=self.leaders_set
-            )
-        else:
-            gathered = tf.zeros([groups, sum(self._sizes)], tf.float32)
-        if topo.group_size > 1:
-            leader = topo.group_ranks()[0]
-            gathered = hvd.broadcast(
-                gathered, root_rank=leader, name="codistill_weights_bcast", process_set=self.group_set
-            )
+        # On the host (on_host): the weights come from and go to NumPy, and a
+        # Gloo-only Horovod has no GPU kernels.
+        with tf.device(HOST_DEVICE):
+            if topo.is_group_chief:
+                flat = np.concatenate([w.reshape(-1) for w in snapshots[0].weights]).astype(np.float32)
+                gathered = on_host(
+                    hvd.allgather,
+                    tf.constant(flat[None, :]),
+                    name="codistill_weights",
+                    process_set=self.leaders_set,
+                )
+            else:
+                gathered = tf.zeros([groups, sum(self._sizes)], tf.float32)
+            if topo.group_size > 1:
+                leader = topo.group_ranks()[0]
+                gathered = on_host(
+                    hvd.broadcast,
+                    gathered,
+                    root_rank=leader,
+                    name="codistill_weights_bcast",
+                    process_set=self.group_set,
+                )
         gathered = gathered.numpy()
         for g in range(groups):
             if g == topo.group:
