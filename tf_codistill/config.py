@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +134,24 @@ class TrainConfig:
     )
     on_stale: str = setting(
         "keep", "A stale peer: keep its last copy, or drop alpha to 0.", choices=("keep", "drop")
+    )
+    collective_implementation: str = setting(
+        "auto",
+        "All-reduce inside a group of several workers: auto (NCCL on GPU workers, RING otherwise), "
+        "ring or nccl.",
+        choices=("auto", "ring", "nccl"),
+    )
+    precision: str = setting(
+        "float32",
+        "Compute precision of the members: float32, mixed_bfloat16 or mixed_float16 (loss scaling); "
+        "the task and distillation terms stay float32.",
+        choices=("float32", "mixed_bfloat16", "mixed_float16"),
+    )
+    tpu: str | None = setting(
+        None,
+        "Train this job's group on a Cloud TPU ('local', a TPU name or grpc://host:port) with "
+        "TPUStrategy; groups meet through --exchange_dir (e.g. gs://...). Not run on a TPU here.",
+        check=_not_empty("give 'local', a TPU name or grpc://host:port, or leave the flag out."),
     )
     dataset: str = setting(
         "mnist1d",
@@ -311,6 +330,15 @@ class TrainConfig:
                 bad(
                     "--data_mode=shared: with --exchange=weights across jobs or processes every group "
                     "draws its own data order; use --data_mode=independent (or auto)."
+                )
+        if self.tpu is not None:
+            if plan.launched:
+                bad("--tpu: a TPU group is one process driving its TPU; start it without a launcher.")
+            if self.mode == "both" or (self.mode == "codistill" and not plan.separate_group):
+                bad(
+                    "--tpu: Horovod does not run on TPUs, so each TPU job trains one group and the groups "
+                    "meet in storage: use --mode=codistill --exchange=weights --exchange_dir=gs://... "
+                    "--group=G (or --mode=sync)."
                 )
         if self.data_dir is not None:
             check_directory("data_dir", self.data_dir, must_write=False)
@@ -513,7 +541,9 @@ def check_directory(flag: str, path: str, must_write: bool = True) -> None:
     directory (e.g. prepared datasets)."""
     if not path.strip():
         raise ValueError(f"--{flag} is empty: give a directory.")
-    path = os.path.abspath(os.path.expanduser(path))
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) and not path.startswith("file://"):
+        return  # gs://, ram://, ...: probed through tf.io.gfile when the run starts
+    path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise ValueError(f"--{flag}={path} is an existing file, not a directory; choose another path.")

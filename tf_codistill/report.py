@@ -4,11 +4,14 @@ runner's)."""
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 import time
 
 import keras
+
+from tf_codistill import files
 
 __all__ = ["EpochLine", "EpochTimer", "keras_verbose", "plot_runs", "plot_histories", "format_table"]
 
@@ -217,8 +220,10 @@ def plot_runs(
         ax.legend(fontsize=8)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110)))
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    files.write_atomic(path, image.getvalue())  # any tf.io.gfile filesystem
 
 
 def plot_histories(histories: dict[str, dict], path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import time
 import keras
 
 from tf_codistill import backup as backup_mod
+from tf_codistill import files
 from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
 from tf_codistill.report import EpochLine, EpochTimer, _traffic, format_table, keras_verbose, plot_histories
@@ -51,31 +53,49 @@ def _resumed(backup) -> bool:
     return backup is not None and backup.restored_epoch is not None
 
 
-class ResumableCSVLogger(keras.callbacks.CSVLogger):
-    """`CSVLogger` that, after a resume, rewrites the file from the backup's
-    history: every epoch appears once, however the kill fell between the
-    backup and the row."""
+class ResumableCSVLogger(keras.callbacks.Callback):
+    """One row of epoch logs per epoch, the file rewritten whole (atomically)
+    at every epoch end, on any `tf.io.gfile` filesystem. After a resume the
+    rows come from the backup's history: every epoch appears once, however
+    the kill fell between the backup and the row."""
 
     def __init__(self, path: str, backup=None):
-        super().__init__(path, append=True)
+        super().__init__()
+        self.path = path
         self.backup = backup
+        self._keys: list[str] | None = None
+        self._rows: list[list] = []
 
     def on_train_begin(self, logs=None):
+        self._keys, self._rows = None, []
         if _resumed(self.backup):
             history = self.backup.restored_history
-            keys = sorted(history)
-            with open(self.filename, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["epoch", *keys])
-                for epoch in range(len(history[keys[0]]) if keys else 0):
-                    writer.writerow([epoch, *(history[k][epoch] for k in keys)])
-        elif os.path.exists(self.filename):
-            os.remove(self.filename)
-        super().on_train_begin(logs)
+            self._keys = sorted(history)
+            count = len(history[self._keys[0]]) if self._keys else 0
+            self._rows = [[epoch, *(history[k][epoch] for k in self._keys)] for epoch in range(count)]
+            self._write()
+        elif files.exists(self.path):
+            files.remove(self.path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self._keys is None:
+            self._keys = sorted(logs)
+        self._rows.append([epoch, *(float(logs[k]) if k in logs else "NA" for k in self._keys)])
+        self._write()
+
+    def _write(self) -> None:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["epoch", *(self._keys or [])])
+        writer.writerows(self._rows)
+        files.write_atomic(self.path, text.getvalue().encode())
 
 
 class StepLogger(keras.callbacks.Callback):
-    """Writes every training batch's logs (running epoch means) as JSON lines.
+    """Writes every training batch's logs (running epoch means) as JSON lines:
+    on a local disk a line per step, flushed (none is lost to a kill after
+    its step); elsewhere (gs://, ...) the file rewritten at every epoch end.
     After a resume it keeps the lines up to the restored step and appends."""
 
     def __init__(self, path: str, backup=None):
@@ -83,30 +103,44 @@ class StepLogger(keras.callbacks.Callback):
         self.path = path
         self.backup = backup
         self._file = None
+        self._lines: list[str] = []
         self._step = 0
 
     def on_train_begin(self, logs=None):
         self._step = int(self.model.optimizer.iterations.numpy())
         kept = []
-        if _resumed(self.backup) and os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= self._step:
-                            kept.append(line)
-                    except (ValueError, KeyError):
-                        break  # a line cut short by the kill
-        self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
-        self._file.writelines(kept)
+        if _resumed(self.backup) and files.exists(self.path):
+            for line in files.read_bytes(self.path).decode().splitlines(keepends=True):
+                try:
+                    if json.loads(line)["step"] <= self._step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    break  # a line cut short by the kill
+        self._lines = kept
+        if files.is_local(self.path):
+            self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
+            self._file.writelines(kept)
+        else:
+            files.write_atomic(self.path, "".join(kept).encode())
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
-        row = {"step": self._step, **{k: float(v) for k, v in (logs or {}).items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()  # a line per step is never lost to a kill after its step
+        line = json.dumps({"step": self._step, **{k: float(v) for k, v in (logs or {}).items()}}) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._file is None:
+            files.write_atomic(self.path, "".join(self._lines).encode())
 
     def on_train_end(self, logs=None):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        else:
+            files.write_atomic(self.path, "".join(self._lines).encode())
 
 
 class StopAtStep(keras.callbacks.Callback):
@@ -150,6 +184,9 @@ def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
     separate = codistill and config.separate_group()
     return runtime_mod.init(
         num_groups=config.num_groups if codistill else 1,
+        collective_implementation=config.collective_implementation,
+        precision=config.precision,
+        tpu=config.tpu,
         exchange="weights" if exchange == "weights" else "predictions",
         exchange_every=config.exchange_every,
         exchange_dir=config.exchange_dir if separate else None,
@@ -227,7 +264,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     custom_model = model_fn is not None
     model_fn = model_fn or default_model_fn(config)
     _, _, lr, wd, alpha = _arm_settings(config, plan.arm, plan.total_steps, plan.steps_per_epoch)
-    os.makedirs(plan.directory, exist_ok=True)
+    files.makedirs(plan.directory)
     timer = EpochTimer()
     backup = _make_backup(config, plan, timer)
     # A resumed run reads on from where the backup's epoch ended.
@@ -328,6 +365,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         "dataset": spec.name,
         "model": members[0].name if custom_model else config.model,
         "seed": config.seed,
+        "precision": config.precision,
         "steps": steps_run,
         "epochs": plan.epochs,
         "batch_size_per_group": plan.batch,
@@ -364,8 +402,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         entry["resumed_from_epoch"] = backup.restored_epoch
         entry["backup_seconds"] = backup.save_seconds
     if plan.writes_logs:
-        with open(os.path.join(plan.directory, f"history{plan.tag}.json"), "w") as f:
-            json.dump({k: [float(v) for v in vs] for k, vs in history.items()}, f, indent=1)
+        text = json.dumps({k: [float(v) for v in vs] for k, vs in history.items()}, indent=1)
+        files.write_atomic(os.path.join(plan.directory, f"history{plan.tag}.json"), text.encode())
     return entry, history, backup
 
 
@@ -451,10 +489,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     data.check_labels(spec, int(probe.outputs[0].shape[-1]), config.data_dir)
     del probe
 
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     if first.is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
+        files.write_atomic(
+            os.path.join(workdir, "config.json"), json.dumps(dataclasses.asdict(config), indent=1).encode()
+        )
     runs, histories, backups = [], {}, []
     for arm in arms:
         plan = plan_arm(config, arm, runtimes[arm], spec.num_train, workdir)
@@ -466,10 +505,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
         backups.append(backup)
     results = {"runs": runs}
     if first.is_chief:
-        path = os.path.join(workdir, "results.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        files.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1).encode())
         plot_histories(histories, os.path.join(workdir, "comparison.png"))
         print()
         print(format_table(runs))

@@ -43,6 +43,7 @@ from tf_codistill.checks import check_int, is_number
 __all__ = ["EXCHANGES", "Runtime", "init"]
 
 EXCHANGES = ("predictions", "weights")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 _DATA_MODES = ("shared", "independent")
 _JOINED: dict = {}  # the Horovod job this process joined (at most one per process)
 
@@ -273,6 +274,9 @@ def init(
     peer_timeout: float = 300.0,
     on_stale: str = "keep",
     collective_timeout: float = 120.0,
+    collective_implementation: str = "auto",
+    precision: str = "float32",
+    tpu: str | None = None,
 ) -> Runtime:
     """Reads the launch environment once and returns this process's `Runtime`.
 
@@ -298,6 +302,17 @@ def init(
         peer_timeout: weights: seconds without news before a peer is stale.
         on_stale: weights: ``"keep"`` a stale peer's copy, or ``"drop"`` alpha to 0.
         collective_timeout: seconds any collective or rendezvous may wait.
+        collective_implementation: the all-reduce inside a group of several
+            workers: ``"auto"`` (NCCL on GPU workers, RING otherwise),
+            ``"ring"`` or ``"nccl"``.
+        precision: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``:
+            sets Keras's global dtype policy, so call `init` before building
+            the members. The task and distillation terms stay float32
+            (float16 adds loss scaling).
+        tpu: train this group on a Cloud TPU (``"local"`` on a TPU VM, a TPU
+            name, or ``"grpc://host:port"``) with TPUStrategy. Horovod does
+            not run on TPUs: one group per job, exchanging stale weights
+            through `exchange_dir` (e.g. ``gs://...``); not run on a TPU here.
 
     Raises:
         ValueError / TypeError: a bad argument (the message names it), or a
@@ -315,6 +330,22 @@ def init(
             raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}.")
     if on_stale not in ("keep", "drop"):
         raise ValueError(f"on_stale must be 'keep' or 'drop', got {on_stale!r}.")
+    from tf_codistill.topology import COLLECTIVE_IMPLEMENTATIONS
+
+    if collective_implementation not in COLLECTIVE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"collective_implementation must be one of {COLLECTIVE_IMPLEMENTATIONS}, got {collective_implementation!r}."
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if tpu is not None:
+        if not isinstance(tpu, str) or not tpu.strip():
+            raise ValueError(f"tpu must be 'local', a TPU name or 'grpc://host:port', got {tpu!r}.")
+        if num_groups > 1 and exchange_dir is None:
+            raise ValueError(
+                "tpu: Horovod does not run on TPUs, so TPU groups exchange stale weights through "
+                "storage: pass exchange='weights' with exchange_dir (e.g. gs://bucket/exchange) and group."
+            )
     if exchange_dir is not None:
         if exchange != "weights":
             raise ValueError("exchange_dir is for the weights exchange: pass exchange='weights'.")
@@ -348,9 +379,14 @@ def init(
                 f"this process already joined the job as {_JOINED['groups']} group(s); a process "
                 "joins one job: launch each arm as its own job."
             )
+        if tpu is not None:
+            raise ValueError(
+                "tpu: this process was launched as one of several (Horovod or a multi-worker TFJob); "
+                "a TPU group is one process driving its TPU: start it on its own."
+            )
         if not _JOINED:
             topo, group_set, pair_set = topology.init_horovod(job_groups, collective_timeout)
-            strategy = topology.make_group_strategy(topo, collective_timeout)
+            strategy = topology.make_group_strategy(topo, collective_timeout, collective_implementation)
             _JOINED.update(groups=job_groups, parts=(topo, group_set, pair_set, strategy))
         topo, group_set, pair_set, strategy = _JOINED["parts"]
         local = (group,) if exchange_dir is not None else (topo.group,)
@@ -358,9 +394,13 @@ def init(
         import tensorflow as tf
 
         topo = group_set = pair_set = None
-        strategy = tf.distribute.get_strategy()
+        if tpu is not None:
+            strategy = topology.make_tpu_strategy(tpu)
+        else:
+            strategy = tf.distribute.get_strategy()
         local = (group,) if exchange_dir is not None else tuple(range(num_groups))
         orders = data_mode or orders
+    _set_precision(precision)
     return Runtime(
         num_groups=num_groups,
         exchange_kind=exchange,
@@ -377,6 +417,12 @@ def init(
         pair_set=pair_set,
         group_set=group_set,
     )
+
+
+def _set_precision(precision: str) -> None:
+    import keras
+
+    keras.mixed_precision.set_dtype_policy(precision)
 
 
 def launched() -> bool:
