@@ -109,6 +109,7 @@ def _train_local(spec, data_dir, members: int, size: dict) -> dict:
         [build_model("resnet20", spec.input_shape, spec.num_classes, seed=i) for i in range(members)],
         alpha=1.0 if members > 1 else 0.0,
         distance="kl",
+        data_mode="shared",
     )
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
     model.fit(train, epochs=1, steps_per_epoch=size["warmup_steps"], verbose=0)  # tracing, autotuning

@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import HOROVODRUN, horovodrun
 
 from models import build_model
+from tf_codistill.backup import list_backups
 from tf_codistill import AlphaSchedule, CodistillModel, paper_weight_decay
 from tf_codistill.loop import CodistillLoop
 
@@ -93,8 +94,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, capsys):
     ckpt, tb = str(tmp_path / "ckpt"), str(tmp_path / "tb")
     first = _model(init)
     CodistillLoop(first, checkpoint_dir=ckpt, checkpoint_every=4).train(_dataset(), 6)
-    assert tf.train.latest_checkpoint(ckpt).endswith("ckpt-6")
-    assert os.path.exists(os.path.join(ckpt, "ckpt-4.index"))
+    assert list_backups(ckpt, "step") == [6, 4]
 
     resumed = _model(init)  # fresh weights and optimizer: everything comes from the checkpoint
     loop = CodistillLoop(resumed, checkpoint_dir=ckpt, summary_dir=tb)
@@ -102,7 +102,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, capsys):
     assert int(resumed.optimizer.iterations.numpy()) == 10 == loop.step
     _assert_same(_weights(resumed), _weights(straight), atol=1e-6)
     assert logs["alpha"] == pytest.approx(0.7)
-    assert tf.train.latest_checkpoint(ckpt).endswith("ckpt-10")
+    assert list_backups(ckpt, "step")[0] == 10
 
     out = capsys.readouterr().out
     assert "restored" in out and "at step 6" in out
@@ -119,9 +119,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     init = _initial_weights(seed=4)
     ckpt = str(tmp_path / "ckpt")
     CodistillLoop(_model(init), checkpoint_dir=ckpt, checkpoint_every=4).train(_dataset(), 8)
-    data = [n for n in os.listdir(ckpt) if n.startswith("ckpt-8.data")]
-    assert data, os.listdir(ckpt)
-    with open(os.path.join(ckpt, data[0]), "r+b") as f:  # flip bytes in the middle of the tensors
+    weights = os.path.join(ckpt, "step-000008", "state.weights.h5")
+    assert os.path.exists(weights), os.listdir(ckpt)
+    with open(weights, "r+b") as f:  # flip bytes in the middle of the tensors
         f.seek(os.path.getsize(f.name) // 2)
         chunk = f.read(64)
         f.seek(-len(chunk), os.SEEK_CUR)
@@ -130,7 +130,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     loop = CodistillLoop(_model(init), checkpoint_dir=ckpt)
     assert loop.restore() == 4
     out = capsys.readouterr().out
-    assert "WARNING: skipping checkpoint" in out and "ckpt-8" in out and "at step 4" in out
+    assert "WARNING: skipping the backup of step 8" in out and "step-000004 at step 4" in out
 
 
 def test_uncompiled_model_is_rejected():
@@ -251,4 +251,32 @@ def test_horovod_two_groups(tmp_path):
         assert float(fields["weight_diff"]) > 1e-3, line
     # Each group writes its own checkpoints.
     for group in (0, 1):
-        assert tf.train.latest_checkpoint(os.path.join(ckpt, f"group{group}")).endswith("ckpt-4")
+        assert list_backups(os.path.join(ckpt, f"group{group}"), "step")[0] == 4
+
+
+def test_resume_keeps_the_stale_peer_copies(tmp_path):
+    """The exchange's state is checkpointed with the weights: resumed at step 6
+    with copies taken at step 4 (every=4), the run goes on exactly as an
+    uninterrupted one; copies re-taken at step 6 would change the teacher."""
+    from tf_codistill import StaleWeightsExchange
+
+    def model(init):
+        members = [build_model("mlp", INPUT, CLASSES) for _ in init]
+        for member, w in zip(members, init):
+            member.set_weights(w)
+        m = CodistillModel(
+            members, alpha=0.7, distance="kl", data_mode="shared", exchange=StaleWeightsExchange(every=4)
+        )
+        m.compile(optimizer=keras.optimizers.SGD(0.2, momentum=0.9))
+        return m
+
+    init = _initial_weights(seed=5)
+    straight = model(init)
+    CodistillLoop(straight).train(_dataset(), 10)
+    ckpt = str(tmp_path / "ckpt")
+    CodistillLoop(model(init), checkpoint_dir=ckpt, checkpoint_every=3).train(_dataset(), 6)
+    assert os.path.exists(os.path.join(ckpt, "step-000006", "exchange.npz"))
+    resumed = model(init)
+    CodistillLoop(resumed, checkpoint_dir=ckpt).train(_dataset().skip(6), 10)
+    assert resumed.exchange.state_dict().keys() == straight.exchange.state_dict().keys()
+    _assert_same(_weights(resumed), _weights(straight), atol=1e-6)

@@ -49,7 +49,6 @@ from tf_codistill import files
 WEIGHTS = "state.weights.h5"
 EXCHANGE = "exchange.npz"  # the exchange's own state (stale peer copies), when it has one
 META = "meta.json"
-_PREFIX = "epoch-"
 _TMP = ".tmp-"
 
 
@@ -68,32 +67,38 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _epoch_names(directory: str) -> dict[int, str]:
+def _epoch_names(directory: str, unit: str = "epoch") -> dict[int, str]:
+    prefix = f"{unit}-"
     return {
-        int(name[len(_PREFIX) :]): name
+        int(name[len(prefix) :]): name
         for name in files.listdir(directory)
-        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()
+        if name.startswith(prefix) and name[len(prefix) :].isdigit()
     }
 
 
-def list_backups(directory: str) -> list[int]:
-    """Epochs of the complete backups in `directory` (those with a
-    `meta.json`), newest first, not yet checked against their checksums."""
+def list_backups(directory: str, unit: str = "epoch") -> list[int]:
+    """Epochs (or steps, with `unit="step"`) of the complete backups in
+    `directory` (those with a `meta.json`), newest first, not yet checked
+    against their checksums."""
     return sorted(
-        (e for e, name in _epoch_names(directory).items() if files.exists(files.join(directory, name, META))),
+        (
+            e
+            for e, name in _epoch_names(directory, unit).items()
+            if files.exists(files.join(directory, name, META))
+        ),
         reverse=True,
     )
 
 
-def read_meta(directory: str, epoch: int) -> dict:
-    return json.loads(files.read_bytes(files.join(directory, f"{_PREFIX}{epoch:06d}", META)).decode())
+def read_meta(directory: str, epoch: int, unit: str = "epoch") -> dict:
+    return json.loads(files.read_bytes(files.join(directory, f"{unit}-{epoch:06d}", META)).decode())
 
 
-def verify(directory: str, epoch: int) -> str | None:
+def verify(directory: str, epoch: int, unit: str = "epoch") -> str | None:
     """None when the backup of `epoch` is intact, else why it is not."""
-    path = files.join(directory, f"{_PREFIX}{epoch:06d}")
+    path = files.join(directory, f"{unit}-{epoch:06d}")
     try:
-        meta = read_meta(directory, epoch)
+        meta = read_meta(directory, epoch, unit)
     except (OSError, ValueError) as e:
         return f"unreadable {META} ({e})"
     expected_sums = {WEIGHTS: meta.get("sha256")}
@@ -111,12 +116,14 @@ def verify(directory: str, epoch: int) -> str | None:
     return None
 
 
-def intact_epochs(directory: str, on_skip: Callable[[int, str], None] | None = None) -> list[int]:
+def intact_epochs(
+    directory: str, on_skip: Callable[[int, str], None] | None = None, unit: str = "epoch"
+) -> list[int]:
     """Epochs of the backups in `directory` that pass their checksums, newest
     first; `on_skip(epoch, why)` hears of each one that does not."""
     good = []
-    for epoch in list_backups(directory):
-        problem = verify(directory, epoch)
+    for epoch in list_backups(directory, unit):
+        problem = verify(directory, epoch, unit)
         if problem is None:
             good.append(epoch)
         elif on_skip is not None:
@@ -141,6 +148,8 @@ class Backup(keras.callbacks.Callback):
         delete_on_finish: remove the backups when `fit` ends. `train.py`
             keeps them until its results are written and calls `remove`.
         verbose: print what was restored or skipped.
+        unit: ``"epoch"`` (folders `epoch-N`, saved by `fit` at epoch ends) or
+            ``"step"`` (folders `step-N`: `CodistillLoop` saves with `save(step)`).
 
     After `on_train_begin`: `restored_epoch` (None when starting afresh),
     `restored_step`, `restored_history` (the per-epoch logs of the epochs
@@ -155,13 +164,17 @@ class Backup(keras.callbacks.Callback):
         extra: Callable[[], dict] | None = None,
         delete_on_finish: bool = True,
         verbose: bool = True,
+        unit: str = "epoch",
     ):
         super().__init__()
         if not directory:
             raise ValueError("Backup needs a directory.")
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"Backup keep must be an integer >= 1, got {keep!r}.")
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"Backup unit must be 'epoch' or 'step', got {unit!r}.")
         self.directory = directory
+        self.unit = unit
         self.keep = keep
         self.agree = agree
         self.extra = extra
@@ -181,7 +194,7 @@ class Backup(keras.callbacks.Callback):
             print(f"[backup] {message}", flush=True)
 
     def _path(self, epoch: int) -> str:
-        return files.join(self.directory, f"{_PREFIX}{epoch:06d}")
+        return files.join(self.directory, f"{self.unit}-{epoch:06d}")
 
     def _exchange(self):
         exchange = getattr(self.model, "exchange", None)
@@ -207,10 +220,11 @@ class Backup(keras.callbacks.Callback):
 
         def warn(epoch, problem):
             print(
-                f"WARNING: skipping the backup of epoch {epoch} in {self.directory}: {problem}.", flush=True
+                f"WARNING: skipping the backup of {self.unit} {epoch} in {self.directory}: {problem}.",
+                flush=True,
             )
 
-        return intact_epochs(self.directory, warn)
+        return intact_epochs(self.directory, warn, self.unit)
 
     def _clean_temporaries(self) -> None:
         """Deletes what a kill mid-save left: temporary folders, and (on an
@@ -219,8 +233,8 @@ class Backup(keras.callbacks.Callback):
         for name in files.listdir(self.directory):
             if name.startswith(_TMP):
                 files.rmtree(files.join(self.directory, name))
-        complete = set(list_backups(self.directory))
-        for epoch, name in _epoch_names(self.directory).items():
+        complete = set(list_backups(self.directory, self.unit))
+        for epoch, name in _epoch_names(self.directory, self.unit).items():
             if epoch not in complete:
                 files.rmtree(files.join(self.directory, name))
 
@@ -246,10 +260,10 @@ class Backup(keras.callbacks.Callback):
         if chosen is None:
             self.history = {}
             return
-        epochs = list_backups(self.directory)
+        epochs = list_backups(self.directory, self.unit)
         if chosen not in epochs:
             raise BackupError(
-                f"processes agreed to resume from epoch {chosen}, which {self.directory} does not hold "
+                f"processes agreed to resume from {self.unit} {chosen}, which {self.directory} does not hold "
                 f"(it has {epochs}); remove the backup directories to start afresh."
             )
         model = self.model
@@ -259,15 +273,15 @@ class Backup(keras.callbacks.Callback):
             self._load_weights(files.join(self._path(chosen), WEIGHTS))
         except (ValueError, KeyError) as e:
             raise BackupError(
-                f"the backup of epoch {chosen} in {self.directory} does not fit this model ({e}); it "
+                f"the backup of {self.unit} {chosen} in {self.directory} does not fit this model ({e}); it "
                 "was written by another configuration: use another workdir or remove it."
             ) from e
-        meta = read_meta(self.directory, chosen)
+        meta = read_meta(self.directory, chosen, self.unit)
         self.restored_epoch = chosen
         self.restored_step = int(model.optimizer.iterations.numpy()) if model.optimizer else 0
         if self.restored_step != meta.get("step", self.restored_step):
             raise BackupError(
-                f"backup of epoch {chosen} in {self.directory} says step {meta.get('step')} but holds "
+                f"backup of {self.unit} {chosen} in {self.directory} says step {meta.get('step')} but holds "
                 f"optimizer step {self.restored_step}: it belongs to another run; remove it."
             )
         if meta.get("exchange_sha256") and self._exchange() is not None:
@@ -278,7 +292,7 @@ class Backup(keras.callbacks.Callback):
         self.restored_extra = dict(meta.get("extra", {}))
         self.history = {k: list(v) for k, v in self.restored_history.items()}
         model._initial_epoch = chosen
-        self._say(f"resumed from epoch {chosen} (step {self.restored_step}) in {self.directory}")
+        self._say(f"resumed from {self.unit} {chosen} (step {self.restored_step}) in {self.directory}")
 
     # ---------------------------------------------------------------- save
     def on_epoch_end(self, epoch, logs=None):
@@ -368,14 +382,14 @@ class Backup(keras.callbacks.Callback):
             else:
                 self._save_remote(epoch, final)
         except OSError as e:
-            kept = list_backups(self.directory)
-            where = f"the backup of epoch {kept[0]} is intact" if kept else "no earlier backup exists"
+            kept = list_backups(self.directory, self.unit)
+            where = f"the backup of {self.unit} {kept[0]} is intact" if kept else "no earlier backup exists"
             raise BackupError(
-                f"could not write the backup of epoch {epoch} to {self.directory}: {e}. Nothing was "
+                f"could not write the backup of {self.unit} {epoch} to {self.directory}: {e}. Nothing was "
                 f"half-written ({where}); free space or fix the directory, then run the same command "
                 "to resume."
             ) from e
-        for old in list_backups(self.directory)[self.keep :]:
+        for old in list_backups(self.directory, self.unit)[self.keep :]:
             files.rmtree(self._path(old))
         self.save_seconds += time.perf_counter() - begin
         return final

@@ -15,7 +15,8 @@ the exchange and the metrics are therefore exactly those of `model.fit`::
 `steps` counts optimizer updates in total (`model.optimizer.iterations`), so a
 rerun with the same `checkpoint_dir` restores the latest checkpoint and trains
 only the remaining steps; learning-rate, alpha and weight-decay schedules
-continue where they stopped. The dataset is read from its beginning on every
+continue where they stopped, and the stale-weights exchange's peer copies
+come back with the weights (the same `tf_codistill.Backup` as `fit`'s). The dataset is read from its beginning on every
 call: to continue the data order too, pass `dataset.skip(loop.step)` (or a
 dataset whose order does not matter).
 """
@@ -23,12 +24,11 @@ dataset whose order does not matter).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 
 import tensorflow as tf
 
+from tf_codistill.backup import Backup, list_backups
 from tf_codistill.checks import check_int
 from tf_codistill.model import CodistillModel
 
@@ -91,9 +91,15 @@ class CodistillLoop:
     When the groups live in different processes (e.g. `HorovodExchange`),
     each group writes its own checkpoints and summaries under
     `<dir>/group<g>`, since the groups' weights differ. Under a multi-worker
-    strategy only the chief writes to the given directories; other workers
-    save to a temporary directory that is deleted straight away (all workers
-    must take part in a save), and write no summaries.
+    strategy only the chief writes checkpoints and summaries (a group's
+    workers hold the same state); every worker restores from the chief's
+    checkpoints, so put `checkpoint_dir` on storage they share.
+
+    Checkpoints are the same as `fit`'s backups (`tf_codistill.Backup`, one
+    `step-N` folder per save): written whole or not at all, checksummed (a
+    corrupt newest one is skipped with a warning), and they hold the
+    exchange's state too, so a stale-weights exchange resumes with the peer
+    copies it had.
 
     Args:
         model: a compiled `CodistillModel`, created under `strategy.scope()`
@@ -157,8 +163,7 @@ class CodistillLoop:
         self.checkpoint_dir = self._per_group(checkpoint_dir)
         self.summary_dir = self._per_group(summary_dir)
         self.is_chief = _is_chief(strategy)
-        self._checkpoint = None
-        self._manager = None
+        self._backup = None
         self._restored = False
         self._writer = None
         self._train_fn = None
@@ -184,19 +189,27 @@ class CodistillLoop:
             with self.strategy.scope():
                 optimizer.build(self.model.trainable_variables)
 
-    def _checkpoint_manager(self) -> tf.train.CheckpointManager | None:
+    def _checkpoints(self) -> Backup | None:
+        """The same atomic, checksummed backups as `fit`'s (`tf_codistill.Backup`),
+        one folder per saved step: weights, optimizer state and the exchange's
+        state (a stale-weights exchange's peer copies)."""
         if self.checkpoint_dir is None:
             return None
-        if self._manager is None:
+        if self._backup is None:
             self._build()  # slot variables must exist before a restore fills them
-            self._checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
-            self._manager = tf.train.CheckpointManager(
-                self._checkpoint, self.checkpoint_dir, max_to_keep=self.max_checkpoints
+            self._backup = Backup(
+                self.checkpoint_dir,
+                keep=self.max_checkpoints,
+                delete_on_finish=False,
+                verbose=False,
+                unit="step",
             )
-        return self._manager
+            self._backup.set_model(self.model)
+        return self._backup
 
     def restore(self) -> int:
-        """Restores the latest checkpoint in `checkpoint_dir`, if any.
+        """Restores the newest intact checkpoint in `checkpoint_dir`, if any
+        (a corrupt newest one is skipped with a warning).
 
         `train` calls it once per loop; call it yourself to evaluate a
         checkpoint without training.
@@ -204,51 +217,38 @@ class CodistillLoop:
         Returns:
             The restored step (`optimizer.iterations`); the current step when
             there is no checkpoint.
+
+        Raises:
+            RuntimeError: checkpoints exist but none could be restored.
         """
-        manager = self._checkpoint_manager()
+        backup = self._checkpoints()
         self._restored = True
-        if manager is None:
+        if backup is None:
             return self.step
-        # Newest first; TensorFlow's checksums catch a corrupt data file, and
-        # the manager's state file only names checkpoints that were finished.
-        for path in reversed(manager.checkpoints):
-            try:
-                self._checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"WARNING: skipping checkpoint {path}: {first[:200]}", flush=True)
-                continue
-            if self.is_chief:
-                print(f"restored {path} at step {self.step}", flush=True)
+        backup.on_train_begin()
+        if backup.restored_epoch is None:
+            if list_backups(self.checkpoint_dir, "step"):
+                raise RuntimeError(
+                    f"no checkpoint in {self.checkpoint_dir} could be restored (all corrupt); move the "
+                    "directory away to start afresh."
+                )
             return self.step
-        if manager.checkpoints:
-            raise RuntimeError(
-                f"no checkpoint in {self.checkpoint_dir} could be restored (all corrupt); move the "
-                "directory away to start afresh."
-            )
+        if self.is_chief:
+            print(f"restored {backup._path(backup.restored_epoch)} at step {self.step}", flush=True)
         return self.step
 
     def save(self, step: int | None = None) -> str | None:
-        """Saves a checkpoint numbered `step` (the current step by default).
-
-        Every worker must call it; non-chief workers write to a temporary
-        directory that is then deleted.
+        """Saves a checkpoint numbered `step` (the current step by default),
+        written whole or not at all. Under a multi-worker strategy only the
+        chief writes (the workers of a group hold the same state).
 
         Returns:
             The checkpoint path on the chief, else `None`.
         """
-        manager = self._checkpoint_manager()
-        if manager is None:
+        backup = self._checkpoints()
+        if backup is None or not self.is_chief:
             return None
-        step = self.step if step is None else step
-        if self.is_chief:
-            return manager.save(checkpoint_number=step)
-        tmp = tempfile.mkdtemp(prefix=f"codistill-ckpt-worker{_task_id(self.strategy)}-")
-        try:
-            tf.train.CheckpointManager(self._checkpoint, tmp, max_to_keep=1).save(checkpoint_number=step)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return None
+        return backup.save(self.step if step is None else step)
 
     def _summary_writer(self):
         if self.summary_dir is None or not self.is_chief:

@@ -328,7 +328,7 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 12)).astype("float32")
 y = rng.integers(0, 5, size=64)
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
-model = CodistillModel([build_model("mlp", (12,), 5, seed=g) for g in range(2)], alpha=0.5)
+model = CodistillModel([build_model("mlp", (12,), 5, seed=g) for g in range(2)], alpha=0.5, data_mode="shared")
 model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
 loop = CodistillLoop(model, checkpoint_dir=checkpoint_dir, checkpoint_every=5)
 loop.train(ds, steps=steps)
@@ -349,16 +349,16 @@ def test_corrupt_loop_checkpoint(tmp_path, fault_report):
         timeout=180,
     )
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    data = sorted(ckpt.glob("ckpt-15.data-*"))
+    data = sorted(ckpt.glob("step-000015/state.weights.h5"))
     assert data, sorted(os.listdir(ckpt))
-    kept = {p.name: p.read_bytes() for p in ckpt.glob("ckpt-10.*")}
+    kept = {p.name: p.read_bytes() for p in ckpt.glob("step-000010/*")}
     flip_bytes(data[0])
 
     def warnings():
         return [
             line
             for line in rerun.text().splitlines()
-            if "ckpt-15" in line
+            if "step 15" in line
             and not line.startswith("WARNING:tensorflow:")  # TensorFlow's own notes on partial restores
             and not line.startswith(("tensorflow.", "Traceback"))  # an uncaught error
             and any(w in line.lower() for w in ("warn", "skip", "corrupt", "unreadable"))
@@ -376,20 +376,20 @@ def test_corrupt_loop_checkpoint(tmp_path, fault_report):
     finally:
         rerun.stop()
     out = rerun.text()
-    fallback = status == 0 and "ckpt-10 at step 10" in out and "finished at step 20" in out
+    fallback = status == 0 and "step-000010 at step 10" in out and "finished at step 20" in out
     last = [line for line in out.splitlines() if line.strip()][-1:] or [""]
     fault_report(
         "corrupt-loop-checkpoint",
-        "warned, restored ckpt-10, trained to 20"
+        "warned, restored step-000010, trained to 20"
         if fallback and warnings()
         else f"exit {status}: {last[0][:90]}",
         warned,
-        "no" if {p.name: p.read_bytes() for p in ckpt.glob("ckpt-10.*")} == kept else "YES",
+        "no" if {p.name: p.read_bytes() for p in ckpt.glob("step-000010/*")} == kept else "YES",
         "at start-up (from process start)",
     )
     assert status == 0, out[-3000:]
     assert warnings(), out[-3000:]
-    assert "ckpt-10 at step 10" in out and "finished at step 20" in out, out[-3000:]
+    assert "step-000010 at step 10" in out and "finished at step 20" in out, out[-3000:]
 
 
 # ------------------------------------------------ 2/3. groups in a directory
