@@ -12,8 +12,8 @@ import tensorflow as tf
 from conftest import HOROVODRUN, horovodrun
 
 from models import build_model
-from tf_codistill.backup import list_backups
 from tf_codistill import AlphaSchedule, CodistillModel, paper_weight_decay
+from tf_codistill.backup import list_backups
 from tf_codistill.loop import CodistillLoop
 
 INPUT = (12,)
