@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tf_codistill.checks import is_int, is_number
+from tf_codistill.exchange.factory import KINDS
 
 __all__ = [
     "Setting",
@@ -103,7 +104,8 @@ class TrainConfig:
         "(one process per worker, predictions every step over Horovod), or weights (stale peer "
         "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
         "--exchange_dir). auto: horovod when launched under Horovod, else local.",
-        choices=("auto", "local", "horovod", "weights"),
+        # local and horovod: the predictions kind in one process / across processes.
+        choices=("auto", "local", "horovod", *(kind for kind in KINDS if kind != "predictions")),
     )
     collective_timeout: float = setting(
         120.0,
@@ -266,7 +268,7 @@ class TrainConfig:
             launched=launched,
             exchange=exchange,
             data_mode=data_mode,
-            under_horovod=exchange == "horovod" or (exchange == "weights" and launched),
+            under_horovod=exchange == "horovod" or (exchange not in ("local", "horovod") and launched),
             separate_group=exchange == "weights" and self.exchange_dir is not None,
         )
 

@@ -187,7 +187,8 @@ def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
         collective_implementation=config.collective_implementation,
         precision=config.precision,
         tpu=config.tpu,
-        exchange="weights" if exchange == "weights" else "predictions",
+        # train.py's local and horovod are the predictions kind in one process and across processes.
+        exchange={"local": "predictions", "horovod": "predictions"}.get(exchange, exchange),
         exchange_every=config.exchange_every,
         exchange_dir=config.exchange_dir if separate else None,
         group=config.group if separate else None,

@@ -39,10 +39,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tf_codistill.checks import check_int, is_number
+from tf_codistill.exchange.factory import KINDS
 
 __all__ = ["EXCHANGES", "Runtime", "init"]
 
-EXCHANGES = ("predictions", "weights")
+EXCHANGES = tuple(KINDS)
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 _DATA_MODES = ("shared", "independent")
 _JOINED: dict = {}  # the Horovod job this process joined (at most one per process)
@@ -364,7 +365,7 @@ def init(
     # peers' logits are on the member's own examples); under weights each
     # group its own. One process may choose otherwise (the paper's
     # Algorithm 1: independent orders, peers run an extra forward pass).
-    orders = "independent" if exchange == "weights" and num_groups > 1 else "shared"
+    orders = KINDS[exchange] if num_groups > 1 else "shared"
     if topology.multi_process_launch():
         if data_mode is not None and data_mode != orders:
             raise ValueError(

@@ -1,16 +1,26 @@
-"""How peer predictions reach each member: one interface, several transports."""
+"""How peer predictions reach each member: one interface, several transports.
 
-from tf_codistill.exchange.base import Exchange
-from tf_codistill.exchange.factory import make_exchange
-from tf_codistill.exchange.local import LocalExchange
-from tf_codistill.exchange.weights import (
-    DirectoryTransport,
-    HorovodWeightsTransport,
-    LocalTransport,
-    StaleWeightsExchange,
-)
+Names are imported on first use: `KINDS` (the exchange kinds a runtime can
+make) is read by the settings without loading TensorFlow, and Horovod is
+only needed once a multi-process run uses it.
+"""
 
-__all__ = [
+import importlib
+
+from tf_codistill.exchange.factory import KINDS, make_exchange
+
+_EXPORTS = {
+    "Exchange": "tf_codistill.exchange.base",
+    "LocalExchange": "tf_codistill.exchange.local",
+    "HorovodExchange": "tf_codistill.exchange.horovod",
+    "DirectoryTransport": "tf_codistill.exchange.weights",
+    "HorovodWeightsTransport": "tf_codistill.exchange.weights",
+    "LocalTransport": "tf_codistill.exchange.weights",
+    "StaleWeightsExchange": "tf_codistill.exchange.weights",
+}
+
+__all__ = [  # noqa: F822 - the classes come through __getattr__
+    "KINDS",
     "DirectoryTransport",
     "Exchange",
     "HorovodExchange",
@@ -23,9 +33,6 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Imported lazily: Horovod is optional until a multi-process run needs it.
-    if name == "HorovodExchange":
-        from tf_codistill.exchange.horovod import HorovodExchange
-
-        return HorovodExchange
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tf_codistill.exchange' has no attribute {name!r}")

@@ -1,10 +1,17 @@
 """One place that turns a runtime's exchange kind into an `Exchange`.
 
-A new kind of exchange is a module in this folder plus a branch here (and
-its name in `runtime.EXCHANGES`); nothing outside `exchange/` changes.
+A new kind of exchange is a module in this folder, its name in `KINDS` and a
+branch in `make_exchange`; nothing outside `exchange/` changes (the runtime,
+train.py's `--exchange` choices and the study checks read `KINDS`).
 """
 
 from __future__ import annotations
+
+# The kinds a runtime can make, each with the data orders its groups read:
+# "predictions" every step (local in one process, a Horovod all-gather across
+# processes) needs every pair of workers to read the same batches; "weights"
+# (a frozen copy of each peer every K steps) lets every group read its own.
+KINDS = {"predictions": "shared", "weights": "independent"}
 
 
 def make_exchange(runtime):
