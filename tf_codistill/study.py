@@ -648,11 +648,21 @@ def _arm_flags(arm: dict) -> str:
 def _plot_curves(data: _Data, path: str) -> None:
     from tf_codistill.report import plot_runs  # loads Keras: only when a report is built
 
+    sizes = {}  # updates per epoch: differs where an arm's batch or training set does
+    for base in _reported_arms(data.study):
+        ok = data.ok(data.chosen[base])
+        sizes[base] = ok[0]["steps_per_epoch"] if ok else None
+    known = [size for size in sizes.values() if size is not None]
+    common = max(set(known), key=known.count) if known else None
     runs = {}
     for base in _reported_arms(data.study):
         label = data.chosen[base]
-        runs[base] = [data.history(label, r["seed"]) for r in data.ok(label)]
-    plot_runs(runs, path, title=data.study["title"])
+        name = base if sizes[base] in (common, None) else f"{base} (1 epoch = {sizes[base]:,} updates)"
+        runs[name] = [data.history(label, r["seed"]) for r in data.ok(label)]
+    kwargs = {}
+    if len(set(known)) > 1:
+        kwargs["xlabel"] = f"epoch ({common:,} updates unless the legend says otherwise)"
+    plot_runs(runs, path, title=data.study["title"], **kwargs)
 
 
 def _series(study: dict, arm: dict) -> str:
