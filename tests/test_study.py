@@ -2,6 +2,7 @@
 and REPORT.md rebuilt from committed CSVs byte for byte."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -203,3 +204,41 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
     tree = _copy_fixture(tmp_path)
     proc = _study("experiments/compare.toml", "results", "--report_only", "--seeds=0,1,2,3", cwd=tree)
     assert proc.returncode == 1 and "lacks 3 run(s)" in proc.stderr
+
+
+def test_a_run_shared_by_two_studies_is_found(tmp_path):
+    settings = {"mode": "sync", "steps": 8740, "seed": 0, "workdir": "a", "verbose": 2}
+    key = study._run_key(settings)
+    assert key == study._run_key({**settings, "workdir": "b", "verbose": 0})
+    assert key != study._run_key({**settings, "steps": 13110})
+    assert key == study._run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
+    done = tmp_path / "out" / "schedules" / "sync_step" / "seed0"
+    done.mkdir(parents=True)
+    (done / "study_run.json").write_text(json.dumps({"seconds": 60.0, "key": key}))
+    mine = str(tmp_path / "out" / "groups" / "sync" / "seed0")
+    assert study._find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
+    (done / "results.json").write_text("{}")
+    assert study._find_same_run(str(tmp_path / "out"), key, mine) == str(done)
+    assert study._find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
+
+
+def test_every_committed_study_arm_is_a_valid_train_config():
+    """Every arm of experiments/ (grid points included) passes train.py's checks,
+    those that depend on the run length too (e.g. a burn-in shorter than the run)."""
+    from tf_codistill import config
+
+    train_examples = {"mnist1d/n70000": 56_000, "digits": 1_437}
+    experiments = os.path.join(REPO, "experiments")
+    paths = [os.path.join(experiments, p) for p in sorted(os.listdir(experiments)) if p.endswith(".toml")]
+    paths += [os.path.join(experiments, "large", "large_batch.toml")]
+    checked = 0
+    for path in paths:
+        spec = study.load_study(path)
+        assert len(spec["seeds"]) >= 3 and open(path).readline().startswith("# python -m tf_codistill.study")
+        for arm in spec["arms"]:
+            settings = {**spec["common"], **study._train_settings(arm), "seed": max(spec["seeds"])}
+            train = config.TrainConfig(**settings)
+            train.validate()
+            assert train.check_run_length(int(train_examples[train.dataset] * train.train_fraction)) == []
+            checked += 1
+    assert checked >= 80

@@ -35,7 +35,9 @@ flags to lists of values; the arm runs every combination (labels
 
 Every (arm, seed) is one `train.py` process writing to
 `<out>/<study>/<arm>/seed<k>`; a run whose `results.json` exists is not run
-again, so an interrupted study resumes. Then the runner writes two CSVs per
+again, so an interrupted study resumes, and a run whose flags and seed equal a
+finished run of another study under `--out` is copied from it, not trained
+again (e.g. the sync arm every 8,740-update study shares). Then the runner writes two CSVs per
 study, `<out>/<study>/runs.csv` (one row per run) and `curves.csv` (one row
 per run and epoch: test accuracy, training loss, updates, seconds), and
 builds everything else from those two files alone: `<out>/<study>/REPORT.md`,
@@ -48,11 +50,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -300,12 +304,48 @@ def _workdir(study: dict, arm: dict, seed: int, out: str) -> str:
     return os.path.join(out, study["name"], arm["label"], f"seed{seed}")
 
 
+def _run_key(settings: dict) -> str:
+    """What makes two runs the same run: every train.py setting (defaults filled
+    in, numbers compared as numbers) but the workdir and the console output."""
+    values = {}
+    for name, spec in sorted(config.SETTINGS.items()):
+        if name in ("workdir", "verbose"):
+            continue
+        value = settings.get(name, spec.default)
+        if spec.kind == "float" and value is not None:
+            value = float(value)
+        values[name] = value
+    return json.dumps(values)
+
+
+def _find_same_run(out: str, key: str, workdir: str) -> str | None:
+    """Another study's finished run of exactly these flags and seed, if any."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(out), "*", "*", "seed*", "study_run.json"))):
+        other = os.path.dirname(path)
+        if os.path.abspath(other) == os.path.abspath(workdir):
+            continue
+        try:
+            with open(path) as f:
+                if json.load(f).get("key") == key and os.path.exists(os.path.join(other, "results.json")):
+                    return other
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -> dict:
     workdir = _workdir(study, arm, seed, out)
     failed = os.path.join(workdir, "failed.json")
     if os.path.exists(os.path.join(workdir, "results.json")) or os.path.exists(failed):
         return {"arm": arm["label"], "seed": seed, "skipped": True}
     settings = {**study["common"], **_train_settings(arm), "seed": seed, "workdir": workdir, "verbose": 2}
+    key = _run_key(settings)
+    same = _find_same_run(out, key, workdir)
+    if same is not None:  # identical flags and seed in another study: the same run, not trained twice
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.copytree(same, workdir)
+        log(f"  {study['name']}/{arm['label']} seed {seed}: the same run as {same}, copied")
+        return {"arm": arm["label"], "seed": seed, "skipped": True}
     cmd = [sys.executable, "train.py", *_flags(settings)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -330,7 +370,7 @@ def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -
         log(f"  {message} (a grid point: recorded as failed)")
         return {"arm": arm["label"], "seed": seed, "skipped": False}
     with open(os.path.join(workdir, "study_run.json"), "w") as f:
-        json.dump({"seconds": seconds}, f)  # the whole process: start-up and data included
+        json.dump({"seconds": seconds, "key": key}, f)  # seconds: the whole process, start-up included
     log(f"  {study['name']}/{arm['label']} seed {seed}: done in {seconds:.0f}s")
     return {"arm": arm["label"], "seed": seed, "skipped": False}
 
