@@ -1,10 +1,19 @@
-"""The study runner on a smoke-sized study: arms x seeds, resume, report."""
+"""The study runner: a smoke-sized study (arms x seeds, resume, CSVs, report),
+and REPORT.md rebuilt from committed CSVs byte for byte."""
 
 import csv
+import json
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, python_env
+
+from tf_codistill import stats, study
+
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "study_report")
 
 SMOKE = """
 # python -m tf_codistill.study --config=smoke.toml
@@ -12,6 +21,7 @@ name = "smoke"
 title = "Smoke"
 expect = "it runs"
 seeds = [0]
+baseline = "sync"
 
 [common]
 dataset = "mnist1d"
@@ -28,10 +38,11 @@ mode = "sync"
 [[arms]]
 label = "codistill"
 mode = "codistill"
+expected = "lower"
 """
 
 
-def _study(config, out, *extra):
+def _study(config, out, *extra, cwd=REPO):
     cmd = [
         sys.executable,
         "-m",
@@ -41,7 +52,9 @@ def _study(config, out, *extra):
         "--parallel=2",
         *extra,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    env = python_env()
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_smoke_study_runs_resumes_and_reports(tmp_path, data_dir, mnist1d_spec):
@@ -52,14 +65,132 @@ def test_smoke_study_runs_resumes_and_reports(tmp_path, data_dir, mnist1d_spec):
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("done in") == 2
     report = (out / "REPORT.md").read_text()
-    assert "| sync |" in report and "| codistill |" in report and "± 0.0000" in report
+    assert "| sync |" in report and "| codistill |" in report and "± 0.00 |" in report
+    assert "needs 2 or more seeds per arm" in report  # one seed: no interval
+    assert "Convergence of `sync`: sync accuracy changed by" in report
     with open(out / "smoke" / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["arm"] for r in rows) == ["codistill", "sync"]
-    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 and r["status"] == "ok" for r in rows)
+    assert all(int(r["steps"]) == 31 and float(r["process_seconds"]) > 0 for r in rows)
+    with open(out / "smoke" / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert {(r["arm"], r["epoch"], r["updates"]) for r in curves} == {
+        ("sync", "1", "31"),
+        ("codistill", "1", "31"),
+    }
     assert (out / "smoke" / "curves.png").stat().st_size > 10_000
+    assert (out / "smoke" / "REPORT.md").read_text() in report.replace("(smoke/curves.png)", "(curves.png)")
     again = _study(config, out)  # resumes: nothing left to run
     assert again.returncode == 0 and "done in" not in again.stdout
+    assert (out / "REPORT.md").read_text() == report
+    shutil.rmtree(out / "smoke" / "sync")  # the run folders are not needed to rebuild the report
+    rebuilt = _study(config, out, "--report_only", "--no_plots")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (out / "REPORT.md").read_text() == report
+
+
+def _copy_fixture(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(FIXTURE, tree)
+    return tree
+
+
+def test_report_only_rebuilds_the_committed_reports_byte_for_byte(tmp_path):
+    tree = _copy_fixture(tmp_path)
+    for path in [tree / "results" / "REPORT.md", *tree.glob("results/*/REPORT.md")]:
+        path.unlink()
+    proc = _study("experiments", "results", "--report_only", "--no_plots", cwd=tree)
+    assert proc.returncode == 0, proc.stderr
+    names = ["REPORT.md", "compare/REPORT.md", "grid/REPORT.md"]
+    for name in names:
+        assert (tree / "results" / name).read_bytes() == open(
+            os.path.join(FIXTURE, "results", name), "rb"
+        ).read()
+    first = {name: (tree / "results" / name).read_bytes() for name in names}
+    again = _study("experiments", "results", "--report_only", "--no_plots", cwd=tree)  # deterministic
+    assert again.returncode == 0 and {n: (tree / "results" / n).read_bytes() for n in names} == first
+
+
+def test_report_only_draws_the_plots(tmp_path):
+    tree = _copy_fixture(tmp_path)
+    proc = _study("experiments/grid.toml", "results", "--report_only", cwd=tree)
+    assert proc.returncode == 0, proc.stderr
+    assert (tree / "results" / "grid" / "curves.png").stat().st_size > 10_000
+    assert (tree / "results" / "grid" / "updates_to_target.png").stat().st_size > 10_000
+
+
+def test_fixture_report_numbers_by_hand():
+    """The comparison line of the fixture equals Welch's interval computed here
+    from runs.csv, and the grid picks the point with the best mean."""
+    with open(os.path.join(FIXTURE, "results", "compare", "runs.csv")) as f:
+        rows = list(csv.DictReader(f))
+    acc = {arm: [float(r["test_accuracy"]) for r in rows if r["arm"] == arm] for arm in ("sync", "codistill")}
+    n = 3
+    ma, mb = sum(acc["codistill"]) / n, sum(acc["sync"]) / n
+    va = sum((x - ma) ** 2 for x in acc["codistill"]) / (n - 1)
+    vb = sum((x - mb) ** 2 for x in acc["sync"]) / (n - 1)
+    se = ((va + vb) / n) ** 0.5
+    df = (va / n + vb / n) ** 2 / ((va / n) ** 2 / (n - 1) + (vb / n) ** 2 / (n - 1))
+    q = stats.t_quantile(0.975, df)
+    line = (
+        f"| codistill - sync | {100 * (ma - mb):+.2f} | [{100 * (ma - mb - q * se):+.2f}, "
+        f"{100 * (ma - mb + q * se):+.2f}] |"
+    )
+    report = open(os.path.join(FIXTURE, "results", "compare", "REPORT.md")).read()
+    assert line in report
+    assert (
+        "| codistill2_b512 | `--base_lr=0.8` | 95.00 ± 0.00 | 0.0871 ± 0.0000 | 1 |  |"
+        in open(os.path.join(FIXTURE, "results", "grid", "REPORT.md")).read()
+    )
+
+
+def test_committed_results_rebuild_byte_for_byte(tmp_path):
+    """docs/results: once the studies have run, their CSVs rebuild the reports."""
+    experiments = os.path.join(REPO, "experiments")
+    paths = sorted(p for p in os.listdir(experiments) if p.endswith(".toml"))
+    names = [study.load_study(os.path.join(experiments, p))["name"] for p in paths]
+    results = os.path.join(REPO, "docs", "results")
+    if not all(os.path.exists(os.path.join(results, n, "curves.csv")) for n in names):
+        pytest.skip("docs/results holds no curves.csv for every study yet (the runs have not been made)")
+    tree = tmp_path / "tree"
+    shutil.copytree(experiments, tree / "experiments")
+    for name in names:
+        shutil.copytree(os.path.join(results, name), tree / "docs" / "results" / name)
+    proc = _study("experiments", "docs/results", "--report_only", "--no_plots", cwd=tree)
+    assert proc.returncode == 0, proc.stderr
+    for name in ["REPORT.md", *(f"{n}/REPORT.md" for n in names)]:
+        assert (tree / "docs" / "results" / name).read_bytes() == open(
+            os.path.join(results, name), "rb"
+        ).read()
+
+
+def test_grid_expands_and_bad_keys_are_clear_errors(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'name = "g"\nseeds = [0]\n[[arms]]\nlabel = "s"\nmode = "sync"\n'
+        "[arms.grid]\nbase_lr = [0.1, 0.2]\nwarmup_epochs = [2, 5]\n"
+    )
+    arms = study.load_study(str(good))["arms"]
+    assert [a["label"] for a in arms] == [
+        "s-base_lr0.1-warmup_epochs2",
+        "s-base_lr0.1-warmup_epochs5",
+        "s-base_lr0.2-warmup_epochs2",
+        "s-base_lr0.2-warmup_epochs5",
+    ]
+    assert {a["_base"] for a in arms} == {"s"} and "grid" not in arms[0]
+    cases = {
+        'name = "x"\nseeds = [0]\nbaseline = "nope"\n[[arms]]\nlabel = "a"\nmode = "sync"\n': "`baseline`",
+        'name = "x"\nseeds = [0]\n[[arms]]\nlabel = "a"\nmode = "sync"\nexpected = "up"\n': "`expected`",
+        'name = "x"\nseeds = [0]\nbasline = "a"\n[[arms]]\nlabel = "a"\nmode = "sync"\n': "unknown top-level",
+        'name = "x"\nseeds = [0]\n[[arms]]\nlabel = "a"\n[arms.grid]\nbase_lr = []\n': "non-empty list",
+        'name = "x"\nseeds = [0]\n[[arms]]\nlabel = "a"\n[arms.grid]\nsteps = [-1]\n': "steps",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            study.load_study(str(path))
 
 
 def test_bad_study_file_is_a_clear_error(tmp_path):
@@ -67,3 +198,47 @@ def test_bad_study_file_is_a_clear_error(tmp_path):
     config.write_text('name = "x"\nseeds = [0]\n[[arms]]\nmode = "sync"\n')
     proc = _study(config, tmp_path / "out")
     assert proc.returncode == 2 and "every arm needs a unique `label`" in proc.stderr
+
+
+def test_report_only_without_runs_is_a_clear_error(tmp_path):
+    tree = _copy_fixture(tmp_path)
+    proc = _study("experiments/compare.toml", "results", "--report_only", "--seeds=0,1,2,3", cwd=tree)
+    assert proc.returncode == 1 and "lacks 3 run(s)" in proc.stderr
+
+
+def test_a_run_shared_by_two_studies_is_found(tmp_path):
+    settings = {"mode": "sync", "steps": 8740, "seed": 0, "workdir": "a", "verbose": 2}
+    key = study._run_key(settings)
+    assert key == study._run_key({**settings, "workdir": "b", "verbose": 0})
+    assert key != study._run_key({**settings, "steps": 13110})
+    assert key == study._run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
+    done = tmp_path / "out" / "schedules" / "sync_step" / "seed0"
+    done.mkdir(parents=True)
+    (done / "study_run.json").write_text(json.dumps({"seconds": 60.0, "key": key}))
+    mine = str(tmp_path / "out" / "groups" / "sync" / "seed0")
+    assert study._find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
+    (done / "results.json").write_text("{}")
+    assert study._find_same_run(str(tmp_path / "out"), key, mine) == str(done)
+    assert study._find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
+
+
+def test_every_committed_study_arm_is_a_valid_train_config():
+    """Every arm of experiments/ (grid points included) passes train.py's checks,
+    those that depend on the run length too (e.g. a burn-in shorter than the run)."""
+    from tf_codistill import config
+
+    train_examples = {"mnist1d/n70000": 56_000, "digits": 1_437}
+    experiments = os.path.join(REPO, "experiments")
+    paths = [os.path.join(experiments, p) for p in sorted(os.listdir(experiments)) if p.endswith(".toml")]
+    paths += [os.path.join(experiments, "large", "large_batch.toml")]
+    checked = 0
+    for path in paths:
+        spec = study.load_study(path)
+        assert len(spec["seeds"]) >= 3 and open(path).readline().startswith("# python -m tf_codistill.study")
+        for arm in spec["arms"]:
+            settings = {**spec["common"], **study._train_settings(arm), "seed": max(spec["seeds"])}
+            train = config.TrainConfig(**settings)
+            train.validate()
+            assert train.check_run_length(int(train_examples[train.dataset] * train.train_fraction)) == []
+            checked += 1
+    assert checked >= 80
