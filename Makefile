@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.installed
 WORKDIR ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: demo test faults horovod lint format bench study bazel-test clean help venv pythons
+.PHONY: demo test faults horovod lint format bench study study-large study-report bazel-test clean help venv pythons
 
 # The one place that knows which interpreters exist and which can work (bash; run by `venv`/`pythons`).
 define SELECT_PYTHON
@@ -106,7 +106,9 @@ help:
 	@echo "make test   - run the whole test suite (the slow fault-injection cases excepted)"
 	@echo "make faults - the fault-injection suite, slow cases included -> runs/faults/report.md"
 	@echo "make bench  - benchmarks (not part of the tests)"
-	@echo "make study  - every study in experiments/ (3 seeds each) -> docs/results/REPORT.md"
+	@echo "make study  - every study in experiments/ (5 seeds, converged lengths, ~1.5-2.3 h on 2 cores) -> docs/results/REPORT.md"
+	@echo "make study-large - the large-batch study (experiments/large) -> docs/results/large/REPORT.md"
+	@echo "make study-report - rebuild every REPORT.md and plot from the committed CSVs (no training)"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
 	@echo "make pythons - the Python interpreters found, and the one a new $(VENV) gets"
@@ -157,7 +159,13 @@ bench: $(STAMP) horovod
 	$(PY) bench/bench_slow_network.py
 
 study: $(STAMP)
-	$(PY) -m tf_codistill.study --config=experiments --out=docs/results
+	$(PY) -m tf_codistill.study --config=experiments --out=docs/results --parallel=2
+
+study-large: $(STAMP)
+	$(PY) -m tf_codistill.study --config=experiments/large --out=docs/results/large --parallel=2
+
+study-report: $(STAMP)
+	$(PY) -m tf_codistill.study --config=experiments --out=docs/results --report_only
 
 bazel-test: $(STAMP) horovod
 	tools/bazel_test.sh

@@ -369,6 +369,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         "precision": config.precision,
         "steps": steps_run,
         "epochs": plan.epochs,
+        "steps_per_epoch": plan.steps_per_epoch,
         "batch_size_per_group": plan.batch,
         "groups": per_group,
         "ensemble_test_accuracy": float(ensemble) if ensemble is not None and plan.groups > 1 else None,
