@@ -370,11 +370,11 @@ class WireCounters:
     logged so far (lines of rank 0's `steps.rank0.jsonl`, written and flushed
     after every step). `per_step()` is the bytes sent per worker per step
     over training: from the first sample at or after `skip` (1) steps to the
-    last one before the final step (setup, the initial weight broadcast and
-    refresh at step 0, and the final evaluation left out; the per-epoch
-    evaluations and the weights arm's later refreshes included: with few
-    steps and a fast arm the window may miss a refresh, so read the weights
-    arm's figure over runs of many refresh periods)."""
+    first one after the final step (setup, the initial weight broadcast and
+    refresh at step 0 left out; the per-epoch evaluations, the weights arm's
+    later refreshes and at most one sampling period after the last step
+    included). Read the weights arm's figure over runs of several refresh
+    periods: it amortises the refreshes that fall inside the window."""
 
     def __init__(self, hosts: int, steps_file: str, period: float = 0.25):
         import threading
@@ -440,6 +440,9 @@ class WireCounters:
         steps = seconds = None
         for samples in self.samples:
             inside = [s for s in samples if skip <= s[3] < total_steps]
+            # Through the last step: the first sample at the end too (at most
+            # one period of what follows training: the final evaluation).
+            inside += [s for s in samples if s[3] >= total_steps][:1]
             if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
                 return None
             a, b = inside[0], inside[-1]
