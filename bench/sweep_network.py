@@ -334,7 +334,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("link rate, each direction (Mbit/s, htb-shaped veth)")
     ax.set_ylabel("steps/s over sync (MWMS) steps/s")
     ax.set_title("Codistillation's per-step speedup over sync; x-marked dotted: cost model", fontsize=10)
-    ax.legend(fontsize=7.5, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
