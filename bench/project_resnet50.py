@@ -126,14 +126,14 @@ def main(argv) -> int:
         "codistillation).",
         "- Communication does not overlap compute (real Horovod/NCCL overlap the gradient all-reduce with "
         "the backward pass, hiding part of sync's cost: again the projection favours codistillation).",
-        "- Flat topology (tables 1): every worker on its own host with one link of the given rate each way, "
+        '- Flat topology (the "Flat" tables): every worker on its own host with one link of the given rate each way, '
         "rings over all workers, as in bench/bench_slow_network.py. Sync: ring all-reduce over 16, "
         "2 x 15/16 x params x 4 bytes per worker per step. Codistillation as in the paper: 2 groups of 8 "
         "(an all-reduce over 8 inside each group, 2 x 7/8 x params x 4, plus the logits to the paired rank "
         "of the other group, 32 x 1,000 x 4 = 128 KB, or a weight copy every 2,500 steps); and, for "
         "contrast, 16 groups of 1 (no all-reduce at all, 15 x 128 KB all-gathered; the paper ran only 2 models, "
         "so its accuracy result does not cover this).",
-        "- Two nodes of 8 GPUs (table 2): NVLink inside a node taken as free, one NIC of the given rate "
+        '- Two nodes of 8 GPUs (the "2 nodes" tables): NVLink inside a node taken as free, one NIC of the given rate '
         "per node; sync's inter-node traffic is an all-reduce between the 2 nodes (params x 4 per node per "
         "step); codistillation puts one group on each node, so only the 8 ranks' logits cross (8 x 128 KB).",
         f"- Time to the paper's accuracy (76.1% sync, 75.9% codistillation with the regularisation fix): "
@@ -152,8 +152,8 @@ def main(argv) -> int:
         "## Reading",
         "- With the paper's 2 groups of 8 on a flat network, codistillation saves little per step: each group "
         "still all-reduces a full gradient over 8 workers (2 x 7/8 of the parameters against 2 x 15/16 for "
-        "sync), so the per-step speedup stays near 1.07x at any rate. The large per-step gains need the "
-        "all-reduce to leave the slow links: one group per node (table 2) or one model per worker (16x1).",
+        "sync), so the per-step speedup stays at 1.01 to 1.07x. The large per-step gains need the "
+        "all-reduce to leave the slow links: one group per node (the 2-node tables) or one model per worker (16x1).",
         "- Codistillation's time to accuracy equals sync's x (its step time / sync's) only because the paper "
         "trains it for the same number of updates; it reached 75.9% against 76.1% there.",
     ]
