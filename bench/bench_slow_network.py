@@ -30,11 +30,17 @@ other, same global batch, same steps, same per-worker batch:
 * codistill, stale weights: N groups of one worker, flattened weights
   all-gathered over Horovod every `--exchange_every` steps (default 50).
 
-Prints steps per second of each arm (from results.json), the test accuracy
-per epoch reached, the time to `--target_accuracy` (training seconds x
-epochs to reach it / epochs: an estimate assuming equal epochs; evaluation
-time left out), and the throughput ratio of each codistillation arm to sync
-with the issue's target (>= 1.5x at 100 Mbit/s).
+Prints steps per second of each arm (from results.json), the bytes each
+worker sends per step as train.py accounts them and as measured on the wire
+(the hosts' `eth0` tx counters over the steady part of training, see
+`WireCounters`), the test accuracy per epoch reached, the time to
+`--target_accuracy` (measured: the `epoch_seconds` train.py records, summed
+over the epochs up to the first whose test accuracy reaches the target;
+evaluation time left out), and the throughput ratio of each codistillation
+arm to sync with the issue's target (>= 1.5x at 100 Mbit/s).
+
+`bench/sweep_network.py` runs this over link rates, models and host counts
+and fits `bench/costmodel.py` to the points.
 
 Model: `mlp_wide` (default) is models/mlp.py built with `--mlp_hidden`
 units (1,000: 1,076,010 parameters on digits) registered for this benchmark
@@ -59,6 +65,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -341,6 +348,117 @@ def check_link(nbytes: int, timeout: float) -> dict:
         server.wait()
 
 
+# ------------------------------------------------------------ wire counters
+_COUNTER = r"""
+import sys, time
+base = "/sys/class/net/%s/statistics/" % sys.argv[1]
+period = float(sys.argv[2])
+while True:
+    with open(base + "tx_bytes") as t, open(base + "rx_bytes") as r:
+        print(time.monotonic(), t.read().strip(), r.read().strip(), flush=True)
+    time.sleep(period)
+"""
+
+
+class WireCounters:
+    """Bytes on the wire per training step, from the hosts' interface counters.
+
+    One small process per host namespace prints its `eth0` tx/rx byte
+    counters (`/sys/class/net/eth0/statistics/`, read inside the namespace:
+    Ethernet frames, so TCP/IP headers and ACKs included) every `period`
+    seconds; a thread here pairs each sample with the steps the arm has
+    logged so far (lines of rank 0's `steps.rank0.jsonl`, written and flushed
+    after every step). `per_step()` is the bytes sent per worker per step
+    over training: from the first sample at or after `skip` (1) steps to the
+    first one after the final step (setup, the initial weight broadcast and
+    refresh at step 0 left out; the per-epoch evaluations, the weights arm's
+    later refreshes and at most one sampling period after the last step
+    included). Read the weights arm's figure over runs of several refresh
+    periods: it amortises the refreshes that fall inside the window."""
+
+    def __init__(self, hosts: int, steps_file: str, period: float = 0.25):
+        import threading
+
+        self.hosts, self.steps_file, self.period = hosts, steps_file, period
+        self.samples: list[list[tuple[float, int, int, int]]] = [[] for _ in range(hosts)]
+        self.procs: list[subprocess.Popen] = []
+        self._threads = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(hosts)]
+
+    def _steps(self) -> int:
+        try:
+            with open(self.steps_file, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def _read(self, i: int) -> None:
+        for line in self.procs[i].stdout:
+            parts = line.split()
+            if len(parts) == 3:
+                self.samples[i].append((float(parts[0]), int(parts[1]), int(parts[2]), self._steps()))
+
+    def start(self) -> None:
+        for i in range(self.hosts):
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        host_ns(i),
+                        sys.executable,
+                        "-c",
+                        _COUNTER,
+                        HOST_IFACE,
+                        str(self.period),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig,
+                )
+            )
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def per_step(self, total_steps: int, skip: int | None = None) -> dict | None:
+        """{'tx_bytes_per_step', 'rx_bytes_per_step' (per worker, mean of
+        hosts), 'window_steps', 'window_seconds', 'window_steps_per_second'}
+        or None when too few samples fell inside training."""
+        skip = 1 if skip is None else skip
+        tx = rx = 0.0
+        steps = seconds = None
+        for samples in self.samples:
+            inside = [s for s in samples if skip <= s[3] < total_steps]
+            # Through the last step: the first sample at the end too (at most
+            # one period of what follows training: the final evaluation).
+            inside += [s for s in samples if s[3] >= total_steps][:1]
+            if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+                return None
+            a, b = inside[0], inside[-1]
+            n = b[3] - a[3]
+            tx += (b[1] - a[1]) / n
+            rx += (b[2] - a[2]) / n
+            steps, seconds = n, b[0] - a[0]
+        return {
+            "tx_bytes_per_step": tx / self.hosts,
+            "rx_bytes_per_step": rx / self.hosts,
+            "window_steps": steps,
+            "window_seconds": seconds,
+            "window_steps_per_second": steps / seconds if seconds else None,
+        }
+
+
 # --------------------------------------------------------------------- arms
 ARMS = {  # name: (label, train.py flags, one group per host?)
     "sync": ("sync (MWMS across hosts)", ["--mode=sync"], False),
@@ -485,10 +603,9 @@ class Job:
     def results(self) -> dict:
         with open(os.path.join(self.workdir, "results.json")) as f:
             run = json.load(f)["runs"][0]
-        mode = "sync" if self.arm == "sync" else "codistill"
-        curves = []
+        curves, seconds = [], []
         for r in range(self.args.hosts):
-            path = os.path.join(self.workdir, mode, f"history.rank{r}.json")
+            path = os.path.join(self.workdir, self.mode, f"history.rank{r}.json")
             if os.path.exists(path):  # group chiefs only
                 with open(path) as f:
                     h = json.load(f)
@@ -498,8 +615,22 @@ class Job:
                     else next(k for k in h if k.endswith("val_accuracy"))
                 )
                 curves.append(h[key])
+                seconds.append(h.get("epoch_seconds", []))
         run["val_accuracy_curve"] = [sum(v) / len(v) for v in zip(*curves)] if curves else []
+        # The job's epoch lasts as long as its slowest group chief's.
+        run["epoch_seconds_curve"] = [max(v) for v in zip(*seconds)] if seconds else []
+        run["steps_per_epoch"] = None
+        with contextlib.suppress(OSError), open(self.logs[0]) as f:
+            match = re.search(r"epochs of (\d+) steps", f.read())
+            run["steps_per_epoch"] = int(match.group(1)) if match else None
         return run
+
+    @property
+    def mode(self) -> str:
+        return "sync" if self.arm == "sync" else "codistill"
+
+    def steps_file(self) -> str:
+        return os.path.join(self.workdir, self.mode, "steps.rank0.jsonl")
 
 
 def summarise(arm: str, run: dict, args) -> dict:
@@ -507,23 +638,44 @@ def summarise(arm: str, run: dict, args) -> dict:
     curve = run["val_accuracy_curve"]
     epochs = run["epochs"]
     reached = next((e + 1 for e, acc in enumerate(curve) if acc >= args.target_accuracy), None)
+    epoch_seconds = run.get("epoch_seconds_curve") or []
+    if reached is None:
+        to_target = None
+    elif len(epoch_seconds) >= reached:
+        # Measured: training seconds of the epochs up to the first one that
+        # reaches the target (evaluation left out).
+        to_target = sum(epoch_seconds[:reached])
+    else:  # a train.py without epoch_seconds: the old equal-epochs estimate
+        to_target = run["train_seconds"] * reached / epochs
     accs = [g["test_accuracy"] for g in run["groups"]]
+    wire = run.get("wire") or {}
+    # Steady state: the epochs after the first (which traces the step function).
+    per_epoch = run.get("steps_per_epoch")
+    steady = None
+    if per_epoch and len(epoch_seconds) >= 2 and sum(epoch_seconds[1:]) > 0:
+        steady = (run["steps"] - per_epoch) / sum(epoch_seconds[1:])
     return {
         "arm": arm,
         "steps_per_second": steps_s,
+        "steady_steps_per_second": steady,
         "train_seconds": run["train_seconds"],
         "wall_seconds": run["wall_seconds"],
         "steps": run["steps"],
         "epochs": epochs,
         "epochs_to_target": reached,
         "steps_to_target": None if reached is None else reached * run["steps"] // epochs,
-        "seconds_to_target": None if reached is None else run["train_seconds"] * reached / epochs,
+        "seconds_to_target": to_target,
+        "epoch_seconds": epoch_seconds,
         "test_accuracy": sum(accs) / len(accs),
         "best_val_accuracy": max(curve) if curve else None,
         "ensemble_test_accuracy": run.get("ensemble_test_accuracy"),
         "val_accuracy_per_epoch": curve,
         "params": run["params_per_model"],
         "bytes_sent_per_step": run["bytes_sent_per_step"],
+        "wire_tx_bytes_per_step": wire.get("tx_bytes_per_step"),
+        "wire_rx_bytes_per_step": wire.get("rx_bytes_per_step"),
+        "wire_window_steps": wire.get("window_steps"),
+        "wire_window_steps_per_second": wire.get("window_steps_per_second"),
         "exchange": run["exchange"],
         "peer_refresh_seconds": run.get("peer_refresh_seconds"),
     }
@@ -550,7 +702,7 @@ def print_report(rows: list[dict], args, network: SlowNetwork, link: dict | None
     )
     print()
     head = (
-        f"{'arm':40s} {'steps/s':>8s} {'bytes/step sent':>16s} {'train s':>8s} {'test acc':>8s} "
+        f"{'arm':40s} {'steps/s':>8s} {'bytes/step sent':>16s} {'on the wire':>12s} {'train s':>8s} {'test acc':>8s} "
         f"{'to target':>15s} {'ratio':>6s}"
     )
     print(head)
@@ -565,13 +717,16 @@ def print_report(rows: list[dict], args, network: SlowNetwork, link: dict | None
         ratio = f"{r['steps_per_second'] / sync['steps_per_second']:.2f}x" if sync else "-"
         print(
             f"{label:40s} {r['steps_per_second']:8.2f} {r['bytes_sent_per_step']:16,.0f} "
+            f"{'-' if r['wire_tx_bytes_per_step'] is None else format(r['wire_tx_bytes_per_step'], '12,.0f'):>12s} "
             f"{r['train_seconds']:8.1f} {r['test_accuracy']:8.4f} {target:>15s} {ratio:>6s}"
         )
     print()
     print(
-        "steps/s: examples_per_second / global batch from results.json (slowest worker); time to target: "
-        "training seconds x (epochs to reach the target / epochs), evaluation left out, per-epoch "
-        "test accuracy (mean of groups)."
+        "steps/s: examples_per_second / global batch from results.json (slowest worker); bytes/step sent: "
+        "accounted by train.py; on the wire: eth0 tx bytes per worker per step from the namespaces' "
+        "counters (frames: headers and ACKs included); time to target: measured training seconds "
+        "(epoch_seconds of the slowest group chief) of the epochs up to the first whose test accuracy "
+        "(mean of groups) reaches the target, evaluation left out."
     )
     verdicts = {}
     if sync:
@@ -757,12 +912,19 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
             job.start()
-            error = job.wait(min(args.run_timeout, remaining))
+            counters = WireCounters(args.hosts, job.steps_file())
+            counters.start()
+            try:
+                error = job.wait(min(args.run_timeout, remaining))
+            finally:
+                counters.stop()
             if error:
                 failures.append(f"{arm}: {error}")
                 print(f"[{arm}] FAILED: {error}", flush=True)
                 continue
-            row = summarise(arm, job.results(), args)
+            run = job.results()
+            run["wire"] = counters.per_step(run["steps"])
+            row = summarise(arm, run, args)
             rows.append(row)
             print(
                 f"[{arm}] done in {time.monotonic() - t0:.0f} s: {row['steps_per_second']:.2f} steps/s, "
