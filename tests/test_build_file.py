@@ -24,6 +24,7 @@ REQUIRED = [
     "tests/conftest.py",
     "tests/test_*.py",
     "bench/*.py",
+    "examples/*.py",
 ]
 PY_RULES = ("py_library", "py_binary", "py_test")
 RULES = PY_RULES + ("genrule", "filegroup", "sh_binary", "sh_test", "exports_files")

@@ -102,7 +102,7 @@ def test_two_groups_exchange_stale_weights_through_ram(ram):
 
 
 def _backup_model():
-    model = CodistillModel(_members(2), alpha=0.5)
+    model = CodistillModel(_members(2), alpha=0.5, data_mode="shared")
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     return model
 

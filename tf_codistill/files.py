@@ -23,6 +23,7 @@ rely on the helpers here for both:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -158,11 +159,12 @@ def write_atomic(path: str, data: bytes) -> None:
     """Writes `data` to a temporary name next to `path`, then `replace`s it
     onto `path`: readers see the old content or the new, never a part."""
     tmp = join(os.path.dirname(os.fspath(path).rstrip("/")), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    write_bytes(tmp, data)
     try:
+        write_bytes(tmp, data)
         replace(tmp, path)
     except BaseException:
-        remove(tmp)
+        with contextlib.suppress(OSError):
+            remove(tmp)
         raise
 
 

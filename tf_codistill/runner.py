@@ -49,6 +49,17 @@ def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epo
     return groups, batch, lr, wd, alpha
 
 
+def _remove_stale_temporaries(path: str) -> None:
+    """Deletes what a kill during `files.write_atomic(path, ...)` left beside
+    `path` (its `.tmp-<pid>-<name>` files)."""
+    folder, name = os.path.split(path)
+    if not files.isdir(folder):
+        return
+    for entry in files.listdir(folder):
+        if entry.startswith(".tmp-") and entry.endswith(f"-{name}"):
+            files.remove(files.join(folder, entry))
+
+
 def _resumed(backup) -> bool:
     return backup is not None and backup.restored_epoch is not None
 
@@ -68,6 +79,7 @@ class ResumableCSVLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._keys, self._rows = None, []
+        _remove_stale_temporaries(self.path)
         if _resumed(self.backup):
             history = self.backup.restored_history
             self._keys = sorted(history)
@@ -117,9 +129,12 @@ class StepLogger(keras.callbacks.Callback):
                 except (ValueError, KeyError):
                     break  # a line cut short by the kill
         self._lines = kept
+        _remove_stale_temporaries(self.path)
         if files.is_local(self.path):
-            self._file = open(self.path, "w")  # noqa: SIM115 - closed in on_train_end
-            self._file.writelines(kept)
+            # Unbuffered: every line reaches the file at its step, and a failed
+            # write (a full disk) leaves nothing behind to flush at exit.
+            self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in on_train_end
+            self._file.write("".join(kept).encode())
         else:
             files.write_atomic(self.path, "".join(kept).encode())
 
@@ -127,8 +142,7 @@ class StepLogger(keras.callbacks.Callback):
         self._step += 1
         line = json.dumps({"step": self._step, **{k: float(v) for k, v in (logs or {}).items()}}) + "\n"
         if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
+            self._file.write(line.encode())
         else:
             self._lines.append(line)
 
