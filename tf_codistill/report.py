@@ -109,7 +109,7 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
     """Bytes per training step, per worker: (inside the group, across
     groups, sent over a process boundary in all, what a multi-worker job of
     this arm would send)."""
-    if runtime.distributed or config.separate_group():
+    if runtime.distributed or runtime.separate_group:
         group_size = runtime.topology.group_size if runtime.distributed else 1
         in_group = 2 * (group_size - 1) / group_size * num_params * 4
         cross_group = (
