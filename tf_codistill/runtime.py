@@ -424,10 +424,3 @@ def _set_precision(precision: str) -> None:
     import keras
 
     keras.mixed_precision.set_dtype_policy(precision)
-
-
-def launched() -> bool:
-    """Whether this process was started as one of several (Horovod or a TFJob)."""
-    from tf_codistill import topology
-
-    return topology.multi_process_launch()
