@@ -95,11 +95,14 @@ def _kill_and_resume(tmp_path, data_dir, processes, extra, arm, victim):
     )
     subdir = f"rank{victim}" if processes > 1 else ""
     backups = killed / arm / "backup" / subdir
+    # Every rank's second backup: ranks in separate groups (stale weights) run
+    # apart, and a resume starts from the epoch every rank has.
+    folders = [killed / arm / "backup" / (f"rank{r}" if processes > 1 else "") for r in range(processes)]
     try:
         deadline = time.monotonic() + 240
-        while 2 not in backup.list_backups(str(backups)):
+        while not all(2 in backup.list_backups(str(folder)) for folder in folders):
             assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no second backup within 240 s"
+            assert time.monotonic() < deadline, "no second backup on every rank within 240 s"
             time.sleep(0.05)
         pid = train_pid(f"--workdir={killed}", victim if processes > 1 else None)
         assert pid is not None
