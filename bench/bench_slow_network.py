@@ -10,10 +10,11 @@ bridge in a `tfcd-switch` namespace by veth pairs. Every link is shaped to
 `--rate_mbit` in both directions, and each host's egress also gets
 `--delay_ms` of one-way delay (tc netem; where the kernel has no netem, the
 rate is shaped with htb and the delay is not applied: the output says so).
-Nothing is added to the root namespace's network; each host gets an
-/etc/netns/tfcd-host<i>/hosts (which `ip netns exec` mounts over /etc/hosts)
-mapping this machine's hostname to the host's address, as on real machines
-(Horovod 0.28.1's process-set Gloo contexts bind to the hostname's address).
+Nothing is added to the root namespace's network. The hosts keep this
+machine's /etc/hosts, where the host name may resolve to loopback: Gloo binds
+to the interface that holds each worker's address (HOROVOD_GLOO_IFACE, set by
+the TF_CONFIG bootstrap; tools/build_horovod.sh patches Horovod 0.28.1 so that
+its process sets honour it, see tests/test_gloo_iface.py).
 
 One worker per host, started as a TFJob-like set of plain processes
 (`ip netns exec tfcd-host<i> python bench/bench_slow_network.py --_worker
@@ -68,7 +69,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -167,7 +167,6 @@ class SlowNetwork:
             sh("ip", "-n", SWITCH_NS, "link", "set", "br0", "up")
             for i in range(self.hosts):
                 ns, port = host_ns(i), f"port{i}"
-                self._write_hosts_file(ns, i)
                 sh("ip", "netns", "add", ns)
                 # Both ends created straight in their namespaces: nothing in the root namespace.
                 sh(
@@ -195,27 +194,6 @@ class SlowNetwork:
         for i in range(self.hosts):
             self._shape(host_ns(i), HOST_IFACE, delay=True)  # host -> switch
             self._shape(SWITCH_NS, f"port{i}", delay=False)  # switch -> host (full duplex)
-
-    def _write_hosts_file(self, ns: str, i: int) -> None:
-        """Inside host i, this machine's hostname resolves to host i's address.
-
-        Horovod 0.28.1 creates the Gloo device of every process set (the
-        global one included) without HOROVOD_GLOO_IFACE
-        (GlooContext::InitializeForProcessSet reads its own, empty,
-        gloo_iface_), so Gloo falls back to the address of gethostname(). All
-        namespaces share the hostname, which /etc/hosts maps to 127.0.0.1
-        here: every worker would advertise 127.0.0.1 and the first
-        collective across hosts aborts (gloo::IoException). On real machines
-        the hostname resolves to the machine's own address, as it does here
-        with this file.
-        """
-        me = socket.gethostname()
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
-        lines.append(f"{host_addr(i)} {me} {ns}")
-        lines += [f"{host_addr(j)} {host_ns(j)}" for j in range(self.hosts) if j != i]
-        os.makedirs(os.path.join(NETNS_ETC, ns), exist_ok=True)
-        with open(os.path.join(NETNS_ETC, ns, "hosts"), "w") as f:
-            f.write("\n".join(lines) + "\n")
 
     def _shape(self, ns: str, dev: str, delay: bool) -> None:
         rate = f"{self.rate_mbit:g}mbit"

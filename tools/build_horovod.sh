@@ -9,11 +9,11 @@
 # Steps (idempotent, safe to rerun):
 #   1. Fast path: horovod 0.28.1 already imports, was built against the
 #      installed TensorFlow, and hvd.init() works -> exit 0.
-#   2. Cached wheel for this Python and TF version in
-#      ${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}/wheels/<cpXY>-tf-<version>/
-#      (e.g. cp312-tf-2.21.0; a wheel in the older layout wheels/tf-<version>/
-#      with the right cpXY tag is copied over and used)
-#      -> pip install --no-deps it, verify, exit.
+#   2. Cached wheel for this Python, TF version and build revision in
+#      ${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}/wheels/<cpXY>-tf-<version>-r<N>/
+#      (e.g. cp312-tf-2.21.0-r2) -> pip install --no-deps it, verify, exit.
+#      BUILD_REVISION names the set of source fixes; raising it makes every
+#      cache and every installed build older than it rebuild.
 #   3. Otherwise build from the PyPI sdist (about 3-8 min on 2 cores), with the
 #      source fixes below ("Source fix"), store the wheel in the cache atomically,
 #      install it, verify.
@@ -25,6 +25,9 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
+# The source fixes below, as one number. r1: fixes 1-3; r2: + fix 4 (process-set
+# Gloo contexts bind to HOROVOD_GLOO_IFACE). Raise it whenever a fix changes.
+BUILD_REVISION=2
 
 usage() {
     echo "Usage: $0 [PYTHON]   (build/install horovod ${HOROVOD_VERSION} with Gloo for PYTHON's TensorFlow; default PYTHON: .venv/bin/python)"
@@ -69,7 +72,7 @@ CACHE_ROOT="${TF_CODISTILL_CACHE:-$HOME/.cache/tf_codistill}"
 #    mismatch (TF upgraded since) falls through to the cache/build.
 # ---------------------------------------------------------------------------
 installed_ok() {
-    "$PY" - "$HOROVOD_VERSION" >/dev/null 2>&1 <<'EOF'
+    "$PY" - "$HOROVOD_VERSION" "$BUILD_REVISION" >/dev/null 2>&1 <<'EOF'
 import json, os, sys
 import horovod
 assert horovod.__version__ == sys.argv[1], horovod.__version__
@@ -77,23 +80,25 @@ import tensorflow as tf
 meta = os.path.join(os.path.dirname(horovod.__file__), "metadata.json")
 with open(meta) as f:
     assert json.load(f).get("tensorflow") == tf.__version__
+from horovod import tf_codistill_build  # written into the source by this script
+assert tf_codistill_build.REVISION == int(sys.argv[2])
 import horovod.tensorflow as hvd
 hvd.init()
 EOF
 }
 
 if installed_ok; then
-    log "horovod ${HOROVOD_VERSION} already installed and working for $PY; nothing to do."
+    log "horovod ${HOROVOD_VERSION} (build r$BUILD_REVISION) already installed and working for $PY; nothing to do."
     exit 0
 fi
 
 TF_VERSION="$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)" \
     || die "cannot import tensorflow with $PY; install the project requirements first"
 PY_TAG="$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
-# One directory per (Python, TF): a wheel built for cp311 is never offered to a
-# cp312 venv, and a TF upgrade means a new directory, hence a rebuild.
-WHEEL_DIR="$CACHE_ROOT/wheels/$PY_TAG-tf-$TF_VERSION"
-LEGACY_WHEEL_DIR="$CACHE_ROOT/wheels/tf-$TF_VERSION"   # layout before the Python tag was in the key
+# One directory per (Python, TF, build revision): a wheel built for cp311 is
+# never offered to a cp312 venv, and a TF upgrade or a new source fix means a
+# new directory, hence a rebuild. (Directories of older revisions are left alone.)
+WHEEL_DIR="$CACHE_ROOT/wheels/$PY_TAG-tf-$TF_VERSION-r$BUILD_REVISION"
 mkdir -p "$WHEEL_DIR"
 BUILD_LOG="$CACHE_ROOT/build-$(date +%Y%m%d-%H%M%S).log"
 LOG_HINT=""   # set once a build has written $BUILD_LOG
@@ -108,18 +113,6 @@ find_cached_wheel() {
     local w
     for w in "$WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-"$PY_TAG"-*.whl; do
         [ -f "$w" ] && { echo "$w"; return 0; }
-    done
-    # Older layout (wheels/tf-<version>/, shared by all Pythons; the file name
-    # carries the cpXY tag). Copy the wheel into the new layout, leaving the
-    # old one where it is for checkouts that still look there.
-    for w in "$LEGACY_WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-"$PY_TAG"-*.whl; do
-        if [ -f "$w" ]; then
-            cp "$w" "$WHEEL_DIR/.horovod-wheel.partial.$$" \
-                && mv -f "$WHEEL_DIR/.horovod-wheel.partial.$$" "$WHEEL_DIR/$(basename "$w")" \
-                && { echo "$WHEEL_DIR/$(basename "$w")"; return 0; }
-            rm -f "$WHEEL_DIR/.horovod-wheel.partial.$$"
-            echo "$w"; return 0
-        fi
     done
     return 1
 }
@@ -251,6 +244,24 @@ JS_RUN="$SRC/horovod/runner/js_run.py"
 grep -q '^from distutils.spawn import find_executable$' "$JS_RUN" \
     || die "unexpected sdist layout: distutils import not found in horovod/runner/js_run.py"
 sed -i 's/^from distutils.spawn import find_executable$/from shutil import which as find_executable/' "$JS_RUN"
+# Source fix 4: every process set's Gloo context (the global one included) is
+# made by GlooContext::InitializeForProcessSet, which creates its Gloo device
+# from its own gloo_iface_, never set: HOROVOD_GLOO_IFACE is ignored and Gloo
+# falls back to the address the host name resolves to. Where that is loopback
+# (a container or VM whose /etc/hosts maps its name to 127.0.0.1), every
+# worker advertises 127.0.0.1 and the first collective across hosts fails.
+# Take the interface of the global context, which Initialize() set from
+# HOROVOD_GLOO_IFACE (tests/test_gloo_iface.py runs such a job).
+GLOO_CC="$SRC/horovod/common/gloo/gloo_context.cc"
+grep -q '^void GlooContext::InitializeForProcessSet(const GlooContext& global_context,$' "$GLOO_CC" \
+    || die "unexpected sdist layout: GlooContext::InitializeForProcessSet not found in $GLOO_CC"
+sed -i '/^void GlooContext::InitializeForProcessSet(const GlooContext& global_context,$/,/^  device_attr.iface = gloo_iface_;$/ s/^  device_attr.iface = gloo_iface_;$/  gloo_iface_ = global_context.gloo_iface_;\n  device_attr.iface = gloo_iface_;/' "$GLOO_CC"
+[ "$(grep -c '^  gloo_iface_ = global_context.gloo_iface_;$' "$GLOO_CC")" -eq 1 ] \
+    || die "source fix 4 did not apply to $GLOO_CC"
+# The wheel carries its build revision (a module in the package, so that pip
+# installs and removes it with the wheel); the fast path checks it.
+printf '"""Written by tf_codistill tools/build_horovod.sh: the set of source fixes in this build."""\nREVISION = %d\n' \
+    "$BUILD_REVISION" > "$SRC/horovod/tf_codistill_build.py"
 
 log "building wheel (MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}; ~3-8 min on 2 cores); log: $BUILD_LOG"
 start=$(date +%s)
