@@ -59,12 +59,12 @@ def test_paper_fix_settings_apply_to_the_codistillation_arm_only():
     config = train.TrainConfig(
         **TINY, lr_milestones="goyal", codistill_lr_milestones="delayed", codistill_wd_schedule="paper"
     )
-    _, _, lr_sync, wd_sync, _ = runner._arm_settings(config, "sync", 450, 10)
-    _, batch, lr_co, wd_co, _ = runner._arm_settings(config, "codistill", 450, 10)
+    lr_sync, wd_sync, _ = runner._arm_schedules(config, "sync", 64, 450, 10)
+    lr_co, wd_co, _ = runner._arm_schedules(config, "codistill", 32, 450, 10)
     assert lr_sync.boundaries == [150, 300, 400] and lr_co.boundaries == [180, 380, 440]
     assert wd_sync == pytest.approx(1e-4)
     assert [float(wd_co(s)) for s in (0, 180, 380)] == pytest.approx([1e-4, 1e-5, 0.0])
-    assert batch == 32 and lr_co.peak_lr == pytest.approx(0.4 * 32 / 256)
+    assert lr_sync.peak_lr == pytest.approx(0.4 * 64 / 256) and lr_co.peak_lr == pytest.approx(0.4 * 32 / 256)
 
 
 BAD = [

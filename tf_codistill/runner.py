@@ -20,12 +20,11 @@ from tf_codistill.report import EpochLine, EpochTimer, _traffic, format_table, k
 
 
 # --------------------------------------------------------------------------- arms
-def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epoch: int):
-    """Batch per model, lr schedule, weight decay and alpha for one arm."""
+def _arm_schedules(config: TrainConfig, arm: str, batch: int, total_steps: int, steps_per_epoch: int):
+    """Learning-rate schedule, weight decay and alpha for one arm whose models
+    each train on `batch` examples per step (ArmPlan.batch decides that)."""
     from tf_codistill import schedules
 
-    groups = 1 if arm == "sync" else config.num_groups
-    batch = config.batch_size // groups
     peak = schedules.goyal_learning_rate(config.base_lr, batch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(total_steps - 1, 0))
@@ -46,7 +45,7 @@ def _arm_settings(config: TrainConfig, arm: str, total_steps: int, steps_per_epo
     else:
         wd = config.weight_decay
     alpha = schedules.AlphaSchedule(config.alpha, config.burn_in_steps, config.alpha_ramp_steps)
-    return groups, batch, lr, wd, alpha
+    return lr, wd, alpha
 
 
 def _remove_stale_temporaries(path: str) -> None:
@@ -278,7 +277,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     rt = plan.runtime
     custom_model = model_fn is not None
     model_fn = model_fn or default_model_fn(config)
-    _, _, lr, wd, alpha = _arm_settings(config, plan.arm, plan.total_steps, plan.steps_per_epoch)
+    lr, wd, alpha = _arm_schedules(config, plan.arm, plan.batch, plan.total_steps, plan.steps_per_epoch)
     files.makedirs(plan.directory)
     timer = EpochTimer()
     backup = _make_backup(config, plan, timer)
