@@ -942,6 +942,17 @@ def main(argv=None) -> int:
         if seeds:
             study["seeds"] = seeds
         study["common"].update(overrides)
+    not_run = []
+    if args.report_only and os.path.isdir(args.config):
+        # The summary covers the studies that have run and names the others.
+        not_run = [s for s in studies if not os.path.exists(os.path.join(args.out, s["name"], "runs.csv"))]
+        studies = [s for s in studies if s not in not_run]
+        if not studies:
+            print(
+                f"study: error: no study of {args.config} has a runs.csv under {args.out}; run them first",
+                file=sys.stderr,
+            )
+            return 2
     for study in studies:
         if args.report_only:
             continue
@@ -978,6 +989,9 @@ def main(argv=None) -> int:
         "includes 0 (cannot be told apart at this number of seeds).",
         "",
     ]
+    if not_run:
+        names = ", ".join(f"`{os.path.normpath(s['path'])}`" for s in not_run)
+        header += [f"Not run yet (no runs.csv under `{os.path.normpath(args.out)}`): {names}.", ""]
     with open(os.path.join(args.out, "REPORT.md"), "w") as f:
         f.write("\n".join(header + sections) + "\n")
     print(f"report: {os.path.join(args.out, 'REPORT.md')}")
