@@ -263,7 +263,14 @@ sed -i '/^void GlooContext::InitializeForProcessSet(const GlooContext& global_co
 printf '"""Written by tf_codistill tools/build_horovod.sh: the set of source fixes in this build."""\nREVISION = %d\n' \
     "$BUILD_REVISION" > "$SRC/horovod/tf_codistill_build.py"
 
-log "building wheel (MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}; ~3-8 min on 2 cores); log: $BUILD_LOG"
+# Parallel compilation unless MAKEFLAGS already asks for a job count. Under
+# `make horovod`, make exports MAKEFLAGS with its command-line variables
+# (" -- VENV=... PYTHON=...") and no -j: that alone would build serially.
+case " ${MAKEFLAGS:-} " in
+    *" -j"* | *" j"[0-9]* | *"--jobserver"*) ;;
+    *) MAKEFLAGS="-j$(nproc) ${MAKEFLAGS:-}" ;;
+esac
+log "building wheel (MAKEFLAGS=$MAKEFLAGS; ~2-8 min on 2 cores); log: $BUILD_LOG"
 start=$(date +%s)
 (
     cd "$SRC"
@@ -271,7 +278,7 @@ start=$(date +%s)
     export HOROVOD_CMAKE="$CMAKE_BIN"
     export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
            HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=GLOO
-    export MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}"
+    export MAKEFLAGS
     "$PY" -m pip wheel --no-build-isolation --no-deps -v -w "$TMP/wheelhouse" .
 ) >>"$BUILD_LOG" 2>&1 || {
     tail -40 "$BUILD_LOG" >&2
