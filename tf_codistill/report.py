@@ -142,7 +142,9 @@ def plot_runs(
     title: str | None = None,
     xlabel: str = "epoch (of the sync arm; equal updates per model)",
 ) -> None:
-    """Test accuracy and training task loss against epochs, one line per label.
+    """Test accuracy and training task loss against epochs, one line per label
+    (with 5 or more epochs, a middle panel zooms into the last 40% of the
+    epochs' test accuracy).
 
     train.py plots one run per arm; the study runner several seeds per arm,
     drawn as their mean with a band of ± one standard error. Where runs log
@@ -163,7 +165,13 @@ def plot_runs(
     import numpy as np
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    longest = max((len(h.get("task_loss", [])) for hs in runs.values() for h in hs), default=0)
+    # Converged runs differ by tenths of a point, invisible on the whole
+    # curve's scale: a third panel shows the last 40% of the epochs, zoomed.
+    zoom = longest >= 5
+    fig, axes = plt.subplots(1, 3 if zoom else 2, figsize=(16 if zoom else 11, 4.5), layout="constrained")
+    ax_acc, ax_loss = axes[0], axes[-1]
+    ax_zoom = axes[1] if zoom else None
     for label, histories in runs.items():
         color = None
         for key, ax, style in (
@@ -188,13 +196,28 @@ def plot_runs(
                 markersize=3,
             )
             color = line.get_color()
-            if len(curves) > 1:
-                se = data.std(0, ddof=1) / math.sqrt(len(curves))
+            se = data.std(0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else None
+            if se is not None:
                 ax.fill_between(epochs, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
-    longest = max((len(h.get("task_loss", [])) for hs in runs.values() for h in hs), default=0)
+            if zoom and ax is ax_acc:
+                tail = slice(int(length * 0.6), None)
+                ax_zoom.plot(epochs[tail], mean[tail], style, color=color, marker="o", markersize=3)
+                if se is not None:
+                    ax_zoom.fill_between(
+                        epochs[tail],
+                        (mean - se)[tail],
+                        (mean + se)[tail],
+                        color=color,
+                        alpha=0.2,
+                        linewidth=0,
+                    )
     if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
         for ax in (ax_acc, ax_loss):
             ax.set_xlim(0.5, longest + 0.5)
+    if zoom:
+        ax_zoom.set(
+            xlabel=xlabel, ylabel="test accuracy", title="Test accuracy, last 40% of the epochs (zoomed)"
+        )
     seeds = max((len(h) for h in runs.values()), default=1)
     spread = f" (mean ± s.e. over {seeds} seeds)" if seeds > 1 else ""
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy (mean of a run's groups)", title="Test accuracy" + spread)
@@ -214,9 +237,10 @@ def plot_runs(
             )
         )
     )
-    for ax in (ax_acc, ax_loss):
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
+    for ax in (ax_acc, ax_loss):
         ax.legend(fontsize=8)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110)))
