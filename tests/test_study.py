@@ -253,3 +253,26 @@ def test_every_committed_study_arm_is_a_valid_train_config():
             assert train.check_run_length(int(train_examples[train.dataset] * train.train_fraction)) == []
             checked += 1
     assert checked >= 80
+
+
+def test_a_diverged_run_is_recorded_not_fatal(tmp_path, data_dir, mnist1d_spec):
+    """A run whose predictions go NaN (train.py exit 3) is an outcome: the
+    study goes on, runs.csv says diverged, the report names the seed and
+    leaves it out of the means."""
+    config = tmp_path / "smoke.toml"
+    text = SMOKE.format(data_dir=data_dir).replace('name = "smoke"', 'name = "diverge"')
+    text += '\n[[arms]]\nlabel = "blowup"\nmode = "codistill"\nbase_lr = 1e6\nexpected = "lower"\n'
+    config.write_text(text)
+    out = tmp_path / "out"
+    proc = _study(config, out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(diverged: recorded as diverged)" in proc.stdout
+    assert json.loads((out / "diverge" / "blowup" / "seed0" / "failed.json").read_text())["exit"] == 3
+    with open(out / "diverge" / "runs.csv") as f:
+        status = {r["arm"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"sync": "ok", "codistill": "ok", "blowup": "diverged"}
+    report = (out / "diverge" / "REPORT.md").read_text()
+    assert "| blowup | `--mode=codistill --base_lr=1e+06` | - |" in report
+    assert "blowup: 1 of 1 seeds, 0 (diverged)" in report
+    again = _study(config, out)  # resumes: the diverged run is not tried again
+    assert again.returncode == 0 and "blowup seed 0" not in again.stdout

@@ -333,6 +333,10 @@ def _find_same_run(out: str, key: str, workdir: str) -> str | None:
     return None
 
 
+# train.py's exit status when a group's predictions went NaN or Inf (PeerFailureError).
+EXIT_DIVERGED = 3
+
+
 def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -> dict:
     workdir = _workdir(study, arm, seed, out)
     failed = os.path.join(workdir, "failed.json")
@@ -362,12 +366,15 @@ def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -
             f"{study['name']}/{arm['label']} seed {seed} failed (exit {proc.returncode}); "
             f"see {os.path.join(workdir, 'train.log')}"
         )
-        if not arm["_point"]:
+        diverged = proc.returncode == EXIT_DIVERGED
+        if not (arm["_point"] or diverged):
             raise RuntimeError(message)
-        # A grid point may diverge: record it and go on (the report shows it).
+        # A run that diverged is an outcome, and a grid point may fail: record
+        # it and go on (the report names it and leaves it out of the means).
         with open(failed, "w") as f:
             json.dump({"exit": proc.returncode, "seconds": seconds}, f)
-        log(f"  {message} (a grid point: recorded as failed)")
+        why = "diverged" if diverged else "a grid point"
+        log(f"  {message} ({why}: recorded as {'diverged' if diverged else 'failed'})")
         return {"arm": arm["label"], "seed": seed, "skipped": False}
     with open(os.path.join(workdir, "study_run.json"), "w") as f:
         json.dump({"seconds": seconds, "key": key}, f)  # seconds: the whole process, start-up included
@@ -410,7 +417,8 @@ def collect(study: dict, out: str) -> tuple[list[dict], list[dict]]:
             if os.path.exists(os.path.join(workdir, "failed.json")):
                 with open(os.path.join(workdir, "failed.json")) as f:
                     failed = json.load(f)
-                row.update(status="failed", process_seconds=failed["seconds"])
+                status = "diverged" if failed.get("exit") == EXIT_DIVERGED else "failed"
+                row.update(status=status, process_seconds=failed["seconds"])
                 runs.append(row)
                 continue
             with open(os.path.join(workdir, "results.json")) as f:
@@ -813,6 +821,19 @@ def _study_lines(study: dict, data: _Data, image_dir: str, config_shown: str) ->
         "train task loss: the last epoch's.",
         "",
     ]
+    lost = []
+    for base in _reported_arms(study):
+        label = data.chosen[base]
+        bad = [r for r in data.runs.get(label, []) if r["status"] != "ok"]
+        if bad:
+            seeds = ", ".join(f"{r['seed']} ({r['status']})" for r in bad)
+            lost.append(f"{base}: {len(bad)} of {len(data.runs[label])} seeds, {seeds}")
+    if lost:
+        lines += [
+            "Seeds left out of the means and comparisons (a diverged run stopped on NaN or Inf "
+            "predictions): " + "; ".join(lost) + ".",
+            "",
+        ]
     items = _comparisons(data)
     if items:
         lines += [
