@@ -136,6 +136,9 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
     return in_group, cross_group, sent, equivalent
 
 
+ZOOM_POINTS = 3.0  # the zoomed panel shows the lines that end within this many points of the best
+
+
 def plot_runs(
     runs: dict[str, list[dict]],
     path: str,
@@ -172,6 +175,7 @@ def plot_runs(
     fig, axes = plt.subplots(1, 3 if zoom else 2, figsize=(16 if zoom else 11, 4.5), layout="constrained")
     ax_acc, ax_loss = axes[0], axes[-1]
     ax_zoom = axes[1] if zoom else None
+    zoom_spans = []  # (final mean, lowest, highest) of each accuracy line in the zoomed range
     for label, histories in runs.items():
         color = None
         for key, ax, style in (
@@ -202,22 +206,27 @@ def plot_runs(
             if zoom and ax is ax_acc:
                 tail = slice(int(length * 0.6), None)
                 ax_zoom.plot(epochs[tail], mean[tail], style, color=color, marker="o", markersize=3)
+                low, high = mean[tail], mean[tail]
                 if se is not None:
-                    ax_zoom.fill_between(
-                        epochs[tail],
-                        (mean - se)[tail],
-                        (mean + se)[tail],
-                        color=color,
-                        alpha=0.2,
-                        linewidth=0,
-                    )
+                    low, high = (mean - se)[tail], (mean + se)[tail]
+                    ax_zoom.fill_between(epochs[tail], low, high, color=color, alpha=0.2, linewidth=0)
+                zoom_spans.append((mean[-1], float(low.min()), float(high.max())))
     if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
         for ax in (ax_acc, ax_loss):
             ax.set_xlim(0.5, longest + 0.5)
     if zoom:
-        ax_zoom.set(
-            xlabel=xlabel, ylabel="test accuracy", title="Test accuracy, last 40% of the epochs (zoomed)"
-        )
+        title_zoom = "Test accuracy, last 40% of the epochs (zoomed)"
+        if zoom_spans:
+            # The y-range of the lines that end within ZOOM_POINTS of the best:
+            # a collapsed arm would otherwise flatten the rest.
+            best = max(final for final, _, _ in zoom_spans)
+            near = [(low, high) for final, low, high in zoom_spans if final >= best - ZOOM_POINTS / 100]
+            low, high = min(lo for lo, _ in near), max(hi for _, hi in near)
+            margin = max((high - low) * 0.08, 1e-4)
+            ax_zoom.set_ylim(low - margin, high + margin)
+            if len(near) < len(zoom_spans):
+                title_zoom += f";\nlines ending over {ZOOM_POINTS:g} points below the best are off the panel"
+        ax_zoom.set(xlabel=xlabel, ylabel="test accuracy", title=title_zoom)
     seeds = max((len(h) for h in runs.values()), default=1)
     spread = f" (mean ± s.e. over {seeds} seeds)" if seeds > 1 else ""
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy (mean of a run's groups)", title="Test accuracy" + spread)
