@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 # Settings only: TensorFlow is imported after the flags are parsed, so that
 # --help and flag errors answer at once.
 from tf_codistill import config as config_module  # noqa: E402
-from tf_codistill.config import TrainConfig, check_directory, define_flags  # noqa: E402
+from tf_codistill.config import ExitStatus, TrainConfig, check_directory, define_flags  # noqa: E402
 
 __all__ = ["TrainConfig", "train_and_evaluate"]  # noqa: F822 - train_and_evaluate: __getattr__, lazily
 
@@ -36,7 +36,6 @@ define_flags(FLAGS)  # one flag per TrainConfig field (tf_codistill/config.py)
 flags.adopt_module_key_flags(config_module)  # --help lists them as train.py's own
 flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
 
-EXIT_USAGE = 2
 _HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -50,7 +49,7 @@ def __getattr__(name):
 
 def _usage_error(message: str) -> None:
     print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(ExitStatus.USAGE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -146,7 +145,7 @@ def main(argv, model_fn=None):
         config.validate()  # the common mistakes, before TensorFlow loads
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitStatus.USAGE)
     from tf_codistill.backup import BackupError
     from tf_codistill.model import PeerFailureError
     from tf_codistill.runner import train_and_evaluate
@@ -155,13 +154,13 @@ def main(argv, model_fn=None):
         train_and_evaluate(config, workdir, model_fn=model_fn)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitStatus.USAGE)
     except PeerFailureError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(ExitStatus.DIVERGED)
     except BackupError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(4)
+        sys.exit(ExitStatus.STORAGE)
     except Exception as err:
         if _no_space(err):
             print(
@@ -170,7 +169,7 @@ def main(argv, model_fn=None):
                 "Free space, then run the same command to resume.",
                 file=sys.stderr,
             )
-            sys.exit(4)
+            sys.exit(ExitStatus.STORAGE)
         lost = _peer_lost(err)
         if lost is None:
             raise
@@ -181,7 +180,7 @@ def main(argv, model_fn=None):
             "says why. Run the same command again to resume from the last backup.",
             file=sys.stderr,
         )
-        sys.exit(5)
+        sys.exit(ExitStatus.PEER_LOST)
     print(
         f"\nResults in {os.path.abspath(workdir)}: results.json, comparison.png, "
         f"TensorBoard logs (tensorboard --logdir {workdir})"

@@ -103,3 +103,15 @@ def test_unprepared_dataset_is_one_line_within_30_seconds(tmp_path):
     assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr
     assert seconds < 30, f"took {seconds:.0f} s"
     assert not os.listdir(data_dir)
+
+
+def test_every_exit_status_is_documented():
+    """docs/operations.md's table lists exactly train.py's statuses (plus 1, a
+    traceback, and the launcher's 124), so a new status cannot go unexplained."""
+    import re
+
+    from tf_codistill.config import ExitStatus
+
+    text = open(os.path.join(REPO, "docs", "operations.md")).read()
+    documented = {int(n) for n in re.findall(r"^\| (\d+) \| ", text, flags=re.M)}
+    assert documented == {int(s) for s in ExitStatus} | {1, 124}, documented

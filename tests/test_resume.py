@@ -93,8 +93,6 @@ def _kill_and_resume(tmp_path, data_dir, processes, extra, arm, victim):
     job = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    subdir = f"rank{victim}" if processes > 1 else ""
-    backups = killed / arm / "backup" / subdir
     # Every rank's second backup: ranks in separate groups (stale weights) run
     # apart, and a resume starts from the epoch every rank has.
     folders = [killed / arm / "backup" / (f"rank{r}" if processes > 1 else "") for r in range(processes)]
@@ -115,8 +113,9 @@ def _kill_and_resume(tmp_path, data_dir, processes, extra, arm, victim):
         log.close()
     assert job.returncode != 0
     assert not (killed / "results.json").exists()
-    for epoch in backup.list_backups(str(backups)):
-        assert backup.verify(str(backups), epoch) is None
+    for folder in folders:  # the kill left every backup whole
+        for epoch in backup.list_backups(str(folder)):
+            assert backup.verify(str(folder), epoch) is None
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

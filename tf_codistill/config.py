@@ -16,6 +16,7 @@ and flag errors answer at once.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import re
@@ -34,7 +35,19 @@ __all__ = [
     "parse_setting",
     "check_directory",
     "parse_milestones",
+    "ExitStatus",
 ]
+
+
+class ExitStatus(enum.IntEnum):
+    """train.py's exit statuses, the one table its callers read (study.py
+    records a DIVERGED run as an outcome; docs/operations.md lists them)."""
+
+    OK = 0
+    USAGE = 2  # a bad flag or setting, said in one line before training
+    DIVERGED = 3  # a group's predictions went NaN or Inf (PeerFailureError)
+    STORAGE = 4  # a backup could not be written or does not fit, or the disk is full
+    PEER_LOST = 5  # another process of the job died or stopped responding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -333,10 +333,6 @@ def _find_same_run(out: str, key: str, workdir: str) -> str | None:
     return None
 
 
-# train.py's exit status when a group's predictions went NaN or Inf (PeerFailureError).
-EXIT_DIVERGED = 3
-
-
 def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -> dict:
     workdir = _workdir(study, arm, seed, out)
     failed = os.path.join(workdir, "failed.json")
@@ -366,7 +362,7 @@ def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -
             f"{study['name']}/{arm['label']} seed {seed} failed (exit {proc.returncode}); "
             f"see {os.path.join(workdir, 'train.log')}"
         )
-        diverged = proc.returncode == EXIT_DIVERGED
+        diverged = proc.returncode == config.ExitStatus.DIVERGED
         if not (arm["_point"] or diverged):
             raise RuntimeError(message)
         # A run that diverged is an outcome, and a grid point may fail: record
@@ -417,7 +413,7 @@ def collect(study: dict, out: str) -> tuple[list[dict], list[dict]]:
             if os.path.exists(os.path.join(workdir, "failed.json")):
                 with open(os.path.join(workdir, "failed.json")) as f:
                     failed = json.load(f)
-                status = "diverged" if failed.get("exit") == EXIT_DIVERGED else "failed"
+                status = "diverged" if failed.get("exit") == config.ExitStatus.DIVERGED else "failed"
                 row.update(status=status, process_seconds=failed["seconds"])
                 runs.append(row)
                 continue
