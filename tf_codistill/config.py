@@ -185,7 +185,13 @@ class TrainConfig:
     batch_size: int = setting(128, "Total batch per step over all groups (examples).", minimum=1)
     epochs: int = setting(60, "Epochs of the sync arm; codistillation takes as many updates.", minimum=0)
     steps: int = setting(0, "Total updates per model; overrides --epochs when > 0.", minimum=0)
-    optimizer: str = setting("sgd", "SGD with momentum 0.9, or Adam.", choices=("sgd", "adam"))
+    optimizer: str = setting(
+        "sgd",
+        "SGD with momentum 0.9, Adam, or LAMB (keras.optimizers.Lamb: Adam with a per-layer trust ratio, "
+        "made for large batches; its lr is the relative change of each layer per step, so it wants a far "
+        "smaller --base_lr than SGD).",
+        choices=("sgd", "adam", "lamb"),
+    )
     base_lr: float = setting(
         0.4,
         "Learning rate per 256 examples of a model's batch (Goyal et al.).",

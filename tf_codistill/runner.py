@@ -255,6 +255,8 @@ def _test_data(config: TrainConfig, spec, rt: runtime_mod.Runtime):
 def _optimizer(config: TrainConfig, lr):
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9)
+    if config.optimizer == "lamb":
+        return keras.optimizers.Lamb(lr)
     return keras.optimizers.Adam(lr)
 
 
