@@ -145,35 +145,39 @@ def test_fixture_report_numbers_by_hand():
     )
 
 
-def _committed_studies():
-    experiments = os.path.join(REPO, "experiments")
+# Each folder of study files and where `make study` / `make study-large` write its results.
+_STUDY_FOLDERS = (("experiments", "docs/results"), ("experiments/large", "docs/results/large"))
+
+
+def _committed_studies(folder):
+    experiments = os.path.join(REPO, folder)
     paths = sorted(p for p in os.listdir(experiments) if p.endswith(".toml"))
     return [(p, study.load_study(os.path.join(experiments, p))["name"]) for p in paths]
 
 
-def test_committed_results_rebuild_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("folder,results", _STUDY_FOLDERS, ids=[f for f, _ in _STUDY_FOLDERS])
+def test_committed_results_rebuild_byte_for_byte(tmp_path, folder, results):
     """docs/results: every study whose runs are committed (runs.csv, curves.csv)
     rebuilds its REPORT.md from them, byte for byte, and so does the summary
     REPORT.md (which names the studies not run yet)."""
-    experiments = os.path.join(REPO, "experiments")
-    results = os.path.join(REPO, "docs", "results")
-    ran = [(p, n) for p, n in _committed_studies() if os.path.exists(os.path.join(results, n, "runs.csv"))]
+    ran = [
+        (p, n) for p, n in _committed_studies(folder) if os.path.exists(os.path.join(REPO, results, n, "runs.csv"))
+    ]
     if not ran:
-        pytest.skip("docs/results holds no study's runs.csv yet (no study has run)")
+        pytest.skip(f"{results} holds no study's runs.csv yet (no study has run)")
     tree = tmp_path / "tree"
-    shutil.copytree(experiments, tree / "experiments")
+    shutil.copytree(os.path.join(REPO, folder), tree / folder, ignore=shutil.ignore_patterns("large"))
     for path, name in ran:
-        shutil.copytree(os.path.join(results, name), tree / "docs" / "results" / name)
-        out = tree / "docs" / "results" / name / "REPORT.md"
+        shutil.copytree(os.path.join(REPO, results, name), tree / results / name)
+        out = tree / results / name / "REPORT.md"
         out.unlink()
-        proc = _study(f"experiments/{path}", "docs/results", "--report_only", "--no_plots", cwd=tree)
+        proc = _study(f"{folder}/{path}", results, "--report_only", "--no_plots", cwd=tree)
         assert proc.returncode == 0, proc.stderr
-        assert out.read_bytes() == open(os.path.join(results, name, "REPORT.md"), "rb").read(), name
-    proc = _study("experiments", "docs/results", "--report_only", "--no_plots", cwd=tree)
+        assert out.read_bytes() == open(os.path.join(REPO, results, name, "REPORT.md"), "rb").read(), name
+    proc = _study(folder, results, "--report_only", "--no_plots", cwd=tree)
     assert proc.returncode == 0, proc.stderr
-    assert (tree / "docs" / "results" / "REPORT.md").read_bytes() == open(
-        os.path.join(results, "REPORT.md"), "rb"
-    ).read()
+    summary = os.path.join(REPO, results, "REPORT.md")
+    assert (tree / results / "REPORT.md").read_bytes() == open(summary, "rb").read()
 
 
 def test_grid_expands_and_bad_keys_are_clear_errors(tmp_path):

@@ -710,9 +710,13 @@ def _plot_curves(data: _Data, path: str) -> None:
 
 
 def _series(study: dict, arm: dict) -> str:
-    if _effective(study, arm, "mode") == "sync":
-        return "sync"
-    return f"codistill, {_effective(study, arm, 'num_groups')} groups"
+    """The line an arm belongs to in the updates-to-target plot: its method,
+    and its optimizer when that is not the default."""
+    name = "sync"
+    if _effective(study, arm, "mode") != "sync":
+        name = f"codistill, {_effective(study, arm, 'num_groups')} groups"
+    optimizer = _effective(study, arm, "optimizer")
+    return name if optimizer == config.SETTINGS["optimizer"].default else f"{name}, {optimizer.upper()}"
 
 
 def _plot_updates(data: _Data, path: str) -> None:
