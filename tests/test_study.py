@@ -161,7 +161,9 @@ def test_committed_results_rebuild_byte_for_byte(tmp_path, folder, results):
     rebuilds its REPORT.md from them, byte for byte, and so does the summary
     REPORT.md (which names the studies not run yet)."""
     ran = [
-        (p, n) for p, n in _committed_studies(folder) if os.path.exists(os.path.join(REPO, results, n, "runs.csv"))
+        (p, n)
+        for p, n in _committed_studies(folder)
+        if os.path.exists(os.path.join(REPO, results, n, "runs.csv"))
     ]
     if not ran:
         pytest.skip(f"{results} holds no study's runs.csv yet (no study has run)")

@@ -59,6 +59,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -719,9 +720,51 @@ def _series(study: dict, arm: dict) -> str:
     return name if optimizer == config.SETTINGS["optimizer"].default else f"{name}, {optimizer.upper()}"
 
 
+_SERIES_COLOURS = {
+    "sync": "tab:blue",
+    "codistill, 2 groups": "tab:orange",
+    "codistill, 4 groups": "tab:green",
+}
+
+
+def _series_style(name: str, index: int) -> dict:
+    """One colour per method, dashed with square markers for a non-default optimizer."""
+    method = name.split(", ")[0] if name.startswith("sync") else ", ".join(name.split(", ")[:2])
+    colour = _SERIES_COLOURS.get(method, f"C{(index + 3) % 10}")
+    other = name != method
+    return {"color": colour, "linestyle": "--" if other else "-", "marker": "s" if other else "o"}
+
+
+def _target_series(data: _Data):
+    """Per line of the target plots (method and optimizer): its arms at their
+    best grid points, as (total batch, label), sorted by batch."""
+    lines = {}
+    for base in _reported_arms(data.study):
+        label = data.chosen[base]
+        arm = data.by_label[label]
+        lines.setdefault(_series(data.study, arm), []).append(
+            (_effective(data.study, arm, "batch_size"), label)
+        )
+    return {name: sorted(points) for name, points in lines.items()}
+
+
+def _batch_axis(ax, batches) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log", base=2)
+    if batches:
+        ax.set_xticks(batches)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.set_xlabel("total batch (examples per update, all groups)")
+    ax.grid(alpha=0.3, which="both")
+
+
 def _plot_updates(data: _Data, path: str) -> None:
-    """Updates to the target accuracy against the total batch, one line per
-    kind of arm (sync, codistillation with G groups), each at its best grid point."""
+    """Two panels against the total batch, one line per kind of arm (sync,
+    codistillation with G groups; per optimizer), each at its best grid point:
+    the updates to the target accuracy (over the seeds that reached it, with
+    how many did) and the final test accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -729,38 +772,88 @@ def _plot_updates(data: _Data, path: str) -> None:
     from matplotlib.ticker import FuncFormatter
 
     study, target = data.study, data.study["target_accuracy"]
-    lines = {}
-    for base in _reported_arms(study):
-        label = data.chosen[base]
-        arm = data.by_label[label]
-        reached = _finite([data.updates_to(label, r["seed"], target) for r in data.ok(label)])
+    series = _target_series(data)
+    batches = sorted({b for points in series.values() for b, _ in points})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    for i, (name, points) in enumerate(series.items()):
+        style = _series_style(name, i)
+        reached, final = [], []
+        for batch, label in points:
+            runs = data.ok(label)
+            got = _finite([data.updates_to(label, r["seed"], target) for r in runs])
+            if got:
+                reached.append((batch, *stats.mean_se(got), f"{len(got)}/{len(runs)}"))
+            accs = _finite([100 * r["test_accuracy"] for r in runs])
+            if accs:
+                final.append((batch, *stats.mean_se(accs)))
         if reached:
-            series = lines.setdefault(_series(study, arm), [])
-            series.append((_effective(study, arm, "batch_size"), *stats.mean_se(reached)))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    for name, points in lines.items():
-        points.sort()
-        xs, ys, es = zip(*points)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="total batch (examples per update, all groups)",
-        ylabel=f"updates to {100 * target:g}% test accuracy",
-        title=f"{study['title']}\n(mean ± s.e. over seeds that reached it; best grid point per arm)",
-    )
-    ax.set_xscale("log", base=2)
-    batches = sorted({x for points in lines.values() for x, _, _ in points})
-    if batches:
-        ax.set_xticks(batches)
+            xs, ys, es, counts = zip(*reached)
+            left.errorbar(xs, ys, yerr=es, capsize=3, label=name, **style)
+            for x, y, count in zip(xs, ys, counts):
+                if not count.startswith(count.split("/")[1] + "/"):  # not every seed reached it
+                    left.annotate(count, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        if final:
+            xs, ys, es = zip(*final)
+            right.errorbar(xs, ys, yerr=es, capsize=3, label=name, **style)
+    left.set_yscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.grid(alpha=0.3, which="both")
-    if lines:
-        ax.legend(fontsize=8)
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
+    left.set(
+        ylabel=f"updates to {100 * target:g}% test accuracy",
+        title=f"Updates to {100 * target:g}% (seeds that reached it; n/m where not all did; none: no point)",
+    )
+    right.set(ylabel="final test accuracy, %", title="Final test accuracy")
+    right.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
+    for ax in (left, right):
+        _batch_axis(ax, batches)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(
+        "\n".join(textwrap.wrap(f"{study['title']}: mean ± s.e. over seeds, best grid point per arm", 110))
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves_by_batch(data: _Data, path: str) -> None:
+    """A target study's curves: one panel per total batch, test accuracy against
+    updates, one line per kind of arm at its best grid point (mean ± s.e.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = _target_series(data)
+    batches = sorted({b for points in series.values() for b, _ in points})
+    fig, axes = plt.subplots(
+        1, len(batches), figsize=(4 * len(batches), 4), layout="constrained", squeeze=False
+    )
+    target = data.study["target_accuracy"]
+    for ax, batch in zip(axes[0], batches):
+        for i, (name, points) in enumerate(series.items()):
+            for b, label in points:
+                if b != batch:
+                    continue
+                curves = [data.curves.get((label, r["seed"]), []) for r in data.ok(label)]
+                curves = [c for c in curves if c]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)
+                xs = [c["updates"] for c in curves[0][:length]]
+                ys = np.array([[100 * c["val_accuracy"] for c in curve[:length]] for curve in curves])
+                mean = ys.mean(axis=0)
+                se = ys.std(axis=0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros_like(mean)
+                style = _series_style(name, i)
+                ax.plot(xs, mean, color=style["color"], linestyle=style["linestyle"], label=name)
+                ax.fill_between(xs, mean - se, mean + se, color=style["color"], alpha=0.2)
+        ax.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
+        ax.set(title=f"total batch {batch:,}", xlabel="updates", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy, % (mean ± s.e. over seeds)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("\n".join(textwrap.wrap(f"{data.study['title']}: best grid point per arm", 110)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -892,9 +985,11 @@ def build_report(study: dict, study_dir: str, config_shown: str, plots: bool = T
     with open(os.path.join(study_dir, "REPORT.md"), "w") as f:
         f.write("\n".join(own) + "\n")
     if plots:
-        _plot_curves(data, os.path.join(study_dir, "curves.png"))
         if study.get("target_accuracy") is not None:
+            _plot_curves_by_batch(data, os.path.join(study_dir, "curves.png"))
             _plot_updates(data, os.path.join(study_dir, "updates_to_target.png"))
+        else:
+            _plot_curves(data, os.path.join(study_dir, "curves.png"))
     return _study_lines(study, data, f"{study['name']}/", config_shown)
 
 
