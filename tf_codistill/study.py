@@ -622,6 +622,9 @@ def _convergence(data: _Data) -> list[str]:
         mean = [_mean([c[i]["val_accuracy"] for c in curves]) for i in range(length)]
         change = 100 * (mean[-1] - mean[start])
         holds = "holds" if abs(change) < CONVERGED_POINTS and length > 1 else "fails"
+        losses = [_mean([c[i]["task_loss"] for c in curves]) for i in (0, length - 1)]
+        if not losses[1] < 0.9 * losses[0]:  # flat at its first epoch's loss (or worse): it diverged
+            holds += f", but it did not learn (training loss {losses[0]:.3g} -> {losses[1]:.3g})"
         lines.append(
             f"Convergence of `{base}`: sync accuracy changed by {change:+.2f} points over the last "
             f"20% of epochs (epoch {start + 1} -> {length}, updates {curves[0][start]['updates']:,} -> "
