@@ -855,7 +855,11 @@ def _plot_curves_by_batch(data: _Data, path: str) -> None:
         ax.set(title=f"total batch {batch:,}", xlabel="updates", ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy, % (mean ± s.e. over seeds)")
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles = {}  # every line once, whichever panel has it (e.g. an optimizer at one batch only)
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=8, loc="lower right")
     fig.suptitle("\n".join(textwrap.wrap(f"{data.study['title']}: best grid point per arm", 110)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
