@@ -139,6 +139,17 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
 ZOOM_POINTS = 3.0  # the zoomed panel shows the lines that end within this many points of the best
 
 
+def curve_band(curves):
+    """The mean over runs of per-epoch values, and its standard error (None
+    for one run), over the epochs every run has: two NumPy arrays."""
+    import numpy as np
+
+    length = min(len(c) for c in curves)
+    data = np.array([c[:length] for c in curves], dtype=float)
+    se = data.std(0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else None
+    return data.mean(0), se
+
+
 def plot_runs(
     runs: dict[str, list[dict]],
     path: str,
@@ -186,10 +197,9 @@ def plot_runs(
             curves = [h[key] for h in histories if h.get(key)]
             if not curves:
                 continue
-            length = min(len(c) for c in curves)
-            data = np.array([c[:length] for c in curves], dtype=float)
+            mean, se = curve_band(curves)
+            length = len(mean)
             epochs = np.arange(1, length + 1)
-            mean = data.mean(0)
             (line,) = ax.plot(
                 epochs,
                 mean,
@@ -200,7 +210,6 @@ def plot_runs(
                 markersize=3,
             )
             color = line.get_color()
-            se = data.std(0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else None
             if se is not None:
                 ax.fill_between(epochs, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
             if zoom and ax is ax_acc:

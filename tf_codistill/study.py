@@ -713,14 +713,18 @@ def _plot_curves(data: _Data, path: str) -> None:
     plot_runs(runs, path, title=data.study["title"], **kwargs)
 
 
-def _series(study: dict, arm: dict) -> str:
-    """The line an arm belongs to in the updates-to-target plot: its method,
-    and its optimizer when that is not the default."""
-    name = "sync"
+def _series(study: dict, arm: dict) -> tuple[str, str]:
+    """The line an arm belongs to in the target plots: (method, optimizer)."""
+    method = "sync"
     if _effective(study, arm, "mode") != "sync":
-        name = f"codistill, {_effective(study, arm, 'num_groups')} groups"
-    optimizer = _effective(study, arm, "optimizer")
-    return name if optimizer == config.SETTINGS["optimizer"].default else f"{name}, {optimizer.upper()}"
+        method = f"codistill, {_effective(study, arm, 'num_groups')} groups"
+    return method, _effective(study, arm, "optimizer")
+
+
+def _series_name(series: tuple[str, str]) -> str:
+    """The method, and the optimizer when that is not the default."""
+    method, optimizer = series
+    return method if optimizer == config.SETTINGS["optimizer"].default else f"{method}, {optimizer.upper()}"
 
 
 _SERIES_COLOURS = {
@@ -730,17 +734,17 @@ _SERIES_COLOURS = {
 }
 
 
-def _series_style(name: str, index: int) -> dict:
+def _series_style(series: tuple[str, str], index: int) -> dict:
     """One colour per method, dashed with square markers for a non-default optimizer."""
-    method = name.split(", ")[0] if name.startswith("sync") else ", ".join(name.split(", ")[:2])
+    method, optimizer = series
     colour = _SERIES_COLOURS.get(method, f"C{(index + 3) % 10}")
-    other = name != method
+    other = optimizer != config.SETTINGS["optimizer"].default
     return {"color": colour, "linestyle": "--" if other else "-", "marker": "s" if other else "o"}
 
 
 def _target_series(data: _Data):
-    """Per line of the target plots (method and optimizer): its arms at their
-    best grid points, as (total batch, label), sorted by batch."""
+    """Per line of the target plots (`_series`): its arms at their best grid
+    points, as (total batch, label), sorted by batch."""
     lines = {}
     for base in _reported_arms(data.study):
         label = data.chosen[base]
@@ -748,7 +752,7 @@ def _target_series(data: _Data):
         lines.setdefault(_series(data.study, arm), []).append(
             (_effective(data.study, arm, "batch_size"), label)
         )
-    return {name: sorted(points) for name, points in lines.items()}
+    return {series: sorted(points) for series, points in lines.items()}
 
 
 def _batch_axis(ax, batches) -> None:
@@ -778,23 +782,25 @@ def _plot_updates(data: _Data, path: str) -> None:
     series = _target_series(data)
     batches = sorted({b for points in series.values() for b, _ in points})
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
-    for i, (name, points) in enumerate(series.items()):
-        style = _series_style(name, i)
+    for i, (key, points) in enumerate(series.items()):
+        name, style = _series_name(key), _series_style(key, i)
         reached, final = [], []
         for batch, label in points:
             runs = data.ok(label)
             got = _finite([data.updates_to(label, r["seed"], target) for r in runs])
             if got:
-                reached.append((batch, *stats.mean_se(got), f"{len(got)}/{len(runs)}"))
+                reached.append((batch, *stats.mean_se(got), len(got), len(runs)))
             accs = _finite([100 * r["test_accuracy"] for r in runs])
             if accs:
                 final.append((batch, *stats.mean_se(accs)))
         if reached:
-            xs, ys, es, counts = zip(*reached)
+            xs, ys, es, _, _ = zip(*reached)
             left.errorbar(xs, ys, yerr=es, capsize=3, label=name, **style)
-            for x, y, count in zip(xs, ys, counts):
-                if not count.startswith(count.split("/")[1] + "/"):  # not every seed reached it
-                    left.annotate(count, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            for x, y, _, got, seeds in reached:
+                if got < seeds:  # not every seed reached it
+                    left.annotate(
+                        f"{got}/{seeds}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7
+                    )
         if final:
             xs, ys, es = zip(*final)
             right.errorbar(xs, ys, yerr=es, capsize=3, label=name, **style)
@@ -826,7 +832,8 @@ def _plot_curves_by_batch(data: _Data, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from tf_codistill.report import curve_band
 
     series = _target_series(data)
     batches = sorted({b for points in series.values() for b, _ in points})
@@ -835,7 +842,7 @@ def _plot_curves_by_batch(data: _Data, path: str) -> None:
     )
     target = data.study["target_accuracy"]
     for ax, batch in zip(axes[0], batches):
-        for i, (name, points) in enumerate(series.items()):
+        for i, (key, points) in enumerate(series.items()):
             for b, label in points:
                 if b != batch:
                     continue
@@ -843,14 +850,12 @@ def _plot_curves_by_batch(data: _Data, path: str) -> None:
                 curves = [c for c in curves if c]
                 if not curves:
                     continue
-                length = min(len(c) for c in curves)
-                xs = [c["updates"] for c in curves[0][:length]]
-                ys = np.array([[100 * c["val_accuracy"] for c in curve[:length]] for curve in curves])
-                mean = ys.mean(axis=0)
-                se = ys.std(axis=0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros_like(mean)
-                style = _series_style(name, i)
-                ax.plot(xs, mean, color=style["color"], linestyle=style["linestyle"], label=name)
-                ax.fill_between(xs, mean - se, mean + se, color=style["color"], alpha=0.2)
+                mean, se = curve_band([[100 * c["val_accuracy"] for c in curve] for curve in curves])
+                xs = [c["updates"] for c in curves[0][: len(mean)]]
+                style = _series_style(key, i)
+                ax.plot(xs, mean, color=style["color"], linestyle=style["linestyle"], label=_series_name(key))
+                if se is not None:
+                    ax.fill_between(xs, mean - se, mean + se, color=style["color"], alpha=0.2)
         ax.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
         ax.set(title=f"total batch {batch:,}", xlabel="updates", ylim=(0, 100))
         ax.grid(alpha=0.3)
