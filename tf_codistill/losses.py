@@ -63,7 +63,8 @@ class CodistillDistance(keras.distillation.DistillationLoss):
         return ops.mean(self.per_example(teacher_outputs, student_outputs))
 
     def validate_outputs(self, teacher_outputs, student_outputs):
-        """Raises `ValueError` unless both are `[batch, classes]` alike."""
+        """Raises `ValueError` unless both are `[batch, classes]` alike
+        (`CodistillModel` passes sequence logits as one row per position)."""
         t_shape = tuple(teacher_outputs.shape)
         s_shape = tuple(student_outputs.shape)
         if len(t_shape) != 2 or len(s_shape) != 2 or t_shape[-1] != s_shape[-1]:

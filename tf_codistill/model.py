@@ -12,6 +12,8 @@ through the same train step.
 
 from __future__ import annotations
 
+import re
+
 import copy
 from collections.abc import Callable, Sequence
 
@@ -28,9 +30,11 @@ from tf_codistill.schedules import AlphaSchedule, Schedule
 
 __all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
 
-#: Accepted `data_mode` values; "auto" is "independent" with several local
-#: members and "shared" with one (what train.py's --data_mode=auto does).
-DATA_MODES = ("auto", "shared", "independent")
+#: Accepted `data_mode` values. "auto" (the default) reads nested per-member
+#: batches `((x_0, ...), (y_0, ...))` as "independent" and splits a plain
+#: `(x, y)` batch across the local members ("split"), the way `tf.distribute`
+#: splits a global batch across replicas; with one member it is "shared".
+DATA_MODES = ("auto", "shared", "independent", "split")
 
 _LOGIT_LOSSES = {
     "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
@@ -77,12 +81,82 @@ def _weighted_mean(values, sample_weight=None):
     return mean / replicas if replicas > 1 else mean
 
 
+#: Task losses whose labels are checked against the logits' shape at the first step.
+_LABEL_LOSSES = (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy)
+
+
+def _split_batch(data, n: int) -> list:
+    """Splits every tensor of `data` along the batch axis into n slices, as
+    even as the batch allows (the first batch % n slices one longer)."""
+    if data is None:
+        return [None] * n
+    flat = keras.tree.flatten(data)
+    size = tf.shape(flat[0])[0]
+    base, extra = size // n, size % n
+    sizes = tf.stack([base + tf.cast(i < extra, size.dtype) for i in range(n)])
+    parts = [tf.split(t, sizes, num=n, axis=0) for t in flat]
+    return [keras.tree.pack_sequence_as(data, [p[i] for p in parts]) for i in range(n)]
+
+
+def _rows(x):
+    """[batch, ..., classes] as [positions, classes] (classifier logits unchanged)."""
+    return x if len(x.shape) == 2 else tf.reshape(x, [-1, tf.shape(x)[-1]])
+
+
+def _keras_mask(x):
+    return keras.src.backend.get_keras_mask(x)
+
+
+def _with_mask(x, mask):
+    """`x` carrying a Keras mask (Keras losses and metrics read it from
+    `y_pred`): the float32 cast and the ensemble drop the member's mask."""
+    if mask is not None:
+        keras.src.backend.set_keras_mask(x, mask)
+    return x
+
+
+def _position_weights(values, sample_weight, mask):
+    """Weights of the per-position `values` ([batch, ...]) from per-example or
+    per-position sample weights and a Keras mask; None when all are 1."""
+    weights = None
+    if sample_weight is not None:
+        weights = ops.cast(sample_weight, values.dtype)
+        while len(weights.shape) < len(values.shape):
+            weights = ops.expand_dims(weights, -1)
+        weights = ops.broadcast_to(weights, ops.shape(values))
+    if mask is not None:
+        m = ops.cast(mask, values.dtype)
+        weights = m if weights is None else weights * m
+    return weights
+
+
+def _position_mean(values, weights=None, mask=None):
+    """Mean over the valid positions of `values` ([batch, ...]), weighted:
+    sum(values * weights) / number of valid positions (Keras's
+    "sum_over_batch_size" with a mask)."""
+    if weights is None and mask is None:
+        return ops.mean(values)
+    if weights is not None:
+        values = values * weights
+    if mask is None:
+        return ops.sum(values) / ops.cast(ops.size(values), values.dtype)
+    return ops.divide_no_nan(ops.sum(values), ops.sum(ops.cast(mask, values.dtype)))
+
+
+def _agreement(a, b, mask=None):
+    """Fraction of (valid) positions where the two logits' argmax agree."""
+    same = ops.cast(ops.argmax(a, -1) == ops.argmax(b, -1), "float32")
+    return _position_mean(same, mask=mask)
+
+
 class _FunctionLoss(keras.losses.Loss):
     """A function `(y_true, y_pred) -> per-example loss` as a `keras.losses.Loss`
     (sample weights and the batch mean are applied by `Loss.__call__`)."""
 
     def __init__(self, fn, name=None):
-        super().__init__(name=name or getattr(fn, "__name__", "loss"))
+        # Keras opens a name scope with the loss's name: "<lambda>" or "_private" is not a valid one.
+        name = (name or getattr(fn, "__name__", "")).lstrip("_")
+        super().__init__(name=name if re.fullmatch(r"[A-Za-z0-9.][\w.>/-]*", name) else "loss")
         self.fn = fn
 
     def call(self, y_true, y_pred):
@@ -252,7 +326,9 @@ class CodistillModel(keras.Model):
         members = _build_members(members, num_groups)
         if data_mode not in DATA_MODES:
             raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
-        if data_mode == "auto":
+        self._data_mode_arg = data_mode
+        self._split_plain = data_mode in ("auto", "split")
+        if data_mode in ("auto", "split"):
             data_mode = "independent" if len(members) > 1 else "shared"
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
@@ -312,7 +388,7 @@ class CodistillModel(keras.Model):
             "distance": serialize(self.distance),
             "temperature": self.temperature,
             "alpha": serialize(self.alpha_schedule),
-            "data_mode": self.data_mode,
+            "data_mode": self._data_mode_arg,
             "weight_decay": wd if isinstance(wd, float) else serialize(wd),
             "num_classes": self.num_classes,
             "max_bad_peer_steps": self.max_bad_peer_steps,
@@ -419,10 +495,10 @@ class CodistillModel(keras.Model):
                 f"{listing}. Build every member for the same number of classes."
             )
         for i, s in enumerate(shapes):
-            if s is not None and len(s) != 1:
+            if s is not None and len(s) < 1:
                 raise ValueError(
-                    f"Member {i} outputs shape {s} per example; CodistillModel needs "
-                    "logits of shape [batch, classes]."
+                    f"Member {i} outputs shape {s} per example; CodistillModel needs logits of shape "
+                    "[batch, classes] or [batch, ..., classes] (e.g. [batch, time, vocabulary])."
                 )
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
@@ -535,7 +611,8 @@ class CodistillModel(keras.Model):
         softmax) when this process holds several members."""
         if self.num_local_members == 1:
             return _float32(self.members[0](inputs, training=training))
-        return self._ensemble_logits([_float32(m(inputs, training=training)) for m in self.members])
+        raw = [m(inputs, training=training) for m in self.members]
+        return _with_mask(self._ensemble_logits([_float32(r) for r in raw]), _keras_mask(raw[0]))
 
     def predict_members(self, inputs):
         """List of every local member's logits on `inputs` (inference mode)."""
@@ -604,19 +681,45 @@ class CodistillModel(keras.Model):
     # ------------------------------------------------------------ train step
     def _split(self, x, y, sample_weight):
         n = self.num_local_members
-        if self.data_mode == "shared" or n == 1 and not isinstance(x, (tuple, list)):
+        nested = isinstance(x, (tuple, list)) and len(x) == n and isinstance(y, (tuple, list))
+        if self.data_mode == "shared" or n == 1 and not nested:
             return [x] * n, [y] * n, [sample_weight] * n
-        if not isinstance(x, (tuple, list)) or len(x) != n or not isinstance(y, (tuple, list)):
+        if nested:
+            sws = list(sample_weight) if isinstance(sample_weight, (tuple, list)) else [sample_weight] * n
+            return list(x), list(y), sws
+        if self._split_plain:
+            return _split_batch(x, n), _split_batch(y, n), _split_batch(sample_weight, n)
+        raise ValueError(
+            f"data_mode='independent' expects every element of the training data to be "
+            f"((x_0, ..., x_{n - 1}), (y_0, ..., y_{n - 1})), one batch per member; got x of "
+            f"type {type(x).__name__}. Build the dataset with "
+            "tf_codistill.data.independent_batches(...), pass data_mode='auto' (the default) to split "
+            "each (x, y) batch across the members, or data_mode='shared' to give every member the "
+            "whole batch."
+        )
+
+    def _check_fit(self, ys, logits) -> None:
+        """One clear line when the members' outputs disagree in shape or the
+        labels do not fit the logits (checked on static shapes, at trace)."""
+        shapes = [tuple(z.shape[1:]) for z in logits]
+        if len(set(shapes)) > 1:
+            listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
+            raise ValueError(f"All members must produce logits of the same shape; got {listing}.")
+        z, y = logits[0], ys[0]
+        if not isinstance(self.task_loss, _LABEL_LOSSES) or y is None or y.shape.rank is None:
+            return
+        z_shape = tuple(z.shape)
+        y_shape = tuple(y.shape)
+        sparse = isinstance(self.task_loss, keras.losses.SparseCategoricalCrossentropy)
+        want = z_shape[:-1] if sparse else z_shape
+        got = y_shape[:-1] if sparse and len(y_shape) == len(z_shape) and y_shape[-1] == 1 else y_shape
+        fits = len(got) == len(want) and all(a is None or b is None or a == b for a, b in zip(got, want))
+        if not fits:
+            kind = "integer labels of shape" if sparse else "one-hot labels of shape"
             raise ValueError(
-                f"data_mode='independent' expects every element of the training data to be "
-                f"((x_0, ..., x_{n - 1}), (y_0, ..., y_{n - 1})), one batch per member; got x of "
-                f"type {type(x).__name__}. Build the dataset with "
-                "tf_codistill.data.independent_batches(...), or pass data_mode='shared' to give every "
-                "member the same (x, y) (the default, data_mode='auto', is independent with several "
-                "local members)."
+                f"labels of shape {y_shape} do not fit logits of shape {z_shape}: "
+                f"{type(self.task_loss).__name__} needs {kind} {want} (batch first)."
             )
-        sws = list(sample_weight) if isinstance(sample_weight, (tuple, list)) else [sample_weight] * n
-        return list(x), list(y), sws
 
     def _check_labels(self, y):
         if self.num_classes is None or y.dtype.is_floating:
@@ -657,15 +760,24 @@ class CodistillModel(keras.Model):
         `train_on_batch` add them themselves; `CodistillLoop` runs them)."""
         return training_callbacks(self)
 
-    def _distill_term(self, teacher, student, sample_weight):
-        """D(teacher, student) averaged over the batch (weighted per example
-        when there are sample weights), scaled for the strategy like Keras
-        scales its losses."""
-        if sample_weight is None:
+    def _distill_term(self, teacher, student, sample_weight, mask=None):
+        """D(teacher, student) per position, averaged over the valid positions
+        (weighted per example or per position when there are sample weights),
+        scaled for the strategy like Keras scales its losses."""
+        if sample_weight is None and mask is None and len(student.shape) == 2:
             value = ops.cast(self.distance.compute_loss(teacher, student), "float32")
-            replicas = _num_replicas()
-            return value / replicas if replicas > 1 else value
-        return _weighted_mean(ops.cast(self.distance.per_example(teacher, student), "float32"), sample_weight)
+        else:
+            values = ops.cast(self._per_position(teacher, student), "float32")
+            value = _position_mean(values, _position_weights(values, sample_weight, mask), mask)
+        replicas = _num_replicas()
+        return value / replicas if replicas > 1 else value
+
+    def _per_position(self, teacher, student):
+        """The distance at every position: [batch, ...] from [batch, ..., classes]."""
+        if len(student.shape) == 2:
+            return self.distance.per_example(teacher, student)
+        flat = self.distance.per_example(_rows(teacher), _rows(student))
+        return tf.reshape(flat, tf.shape(student)[:-1])
 
     def _weight_penalty(self):
         wd = self.weight_decay
@@ -688,7 +800,10 @@ class CodistillModel(keras.Model):
         if alpha is not None and self.exchange.alpha_scale() is not None:
             alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
         with tf.control_dependencies(checks), tf.GradientTape() as tape:
-            logits = [_float32(m(xi, training=True)) for m, xi in zip(self.members, xs)]
+            raw = [m(xi, training=True) for m, xi in zip(self.members, xs)]
+            masks = [_keras_mask(r) for r in raw]
+            logits = [_with_mask(_float32(r), mask) for r, mask in zip(raw, masks)]
+            self._check_fit(ys, logits)
             if self.codistilling:
                 peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
                 teachers, usable = self._teachers(peer_maps)
@@ -701,8 +816,8 @@ class CodistillModel(keras.Model):
                 total = total + task
                 if ti is not None:
                     if i == 0:
-                        self.distance.validate_outputs(ti, zi)
-                    distill = self._distill_term(ti, zi, sws[i])
+                        self.distance.validate_outputs(_rows(ti), _rows(zi))
+                    distill = self._distill_term(ti, zi, sws[i], masks[i])
                     # A peer that sent NaN/Inf: no distillation term this step.
                     distill = distill * usable[i]
                     distill_losses.append(distill)
@@ -737,10 +852,7 @@ class CodistillModel(keras.Model):
             self._trackers["distill_loss"].update_state(
                 ops.sum(ops.stack(distill_losses)) * unscale, sample_weight=batch
             )
-            agree = [
-                ops.mean(ops.cast(ops.argmax(z, -1) == ops.argmax(t, -1), "float32"))
-                for z, t in zip(logits, teachers)
-            ]
+            agree = [_agreement(z, t, mask) for z, t, mask in zip(logits, teachers, masks)]
             self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
         self._update_metrics(ys, logits, sws)
         logs = self._results(train=True)
@@ -762,7 +874,9 @@ class CodistillModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         n = self.num_local_members
-        logits = [_float32(m(x, training=False)) for m in self.members]
+        raw = [m(x, training=False) for m in self.members]
+        mask = _keras_mask(raw[0])
+        logits = [_with_mask(_float32(r), _keras_mask(r)) for r in raw]
         replicas = _num_replicas()
         batch = ops.shape(logits[0])[0]
         losses = [self.task_loss(y, z, sample_weight=sample_weight) * replicas for z in logits]
@@ -771,29 +885,24 @@ class CodistillModel(keras.Model):
             tracker.update_state(loss, sample_weight=batch)
         self._update_metrics([y] * n, logits, [sample_weight] * n)
         if n > 1:
-            self._update_ensemble(y, logits, sample_weight, replicas)
-            agree = [
-                ops.mean(ops.cast(ops.argmax(logits[i], -1) == ops.argmax(logits[j], -1), "float32"))
-                for i in range(n)
-                for j in range(i + 1, n)
-            ]
+            self._update_ensemble(y, logits, sample_weight, replicas, mask)
+            agree = [_agreement(logits[i], logits[j], mask) for i in range(n) for j in range(i + 1, n)]
             self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
         elif self.codistilling and self.exchange.gathers_eval_logits:
             everyone = self.exchange.all_logits(logits[0])
             if everyone is not None:
                 groups = self.num_groups
-                self._update_ensemble(y, [everyone[g] for g in range(groups)], sample_weight, replicas)
-                own = ops.argmax(logits[0], -1)
+                self._update_ensemble(y, [everyone[g] for g in range(groups)], sample_weight, replicas, mask)
                 agree = [
-                    ops.mean(ops.cast(own == ops.argmax(everyone[g], -1), "float32"))
+                    _agreement(logits[0], everyone[g], mask)
                     for g in range(groups)
                     if g != self.exchange.group
                 ]
                 self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
         return self._for_reduction(self._results(train=False))
 
-    def _update_ensemble(self, y, logits, sample_weight, replicas):
-        ens = self._ensemble_logits(logits)
+    def _update_ensemble(self, y, logits, sample_weight, replicas, mask=None):
+        ens = _with_mask(self._ensemble_logits(logits), mask)
         ens_loss = self.task_loss(y, ens, sample_weight=sample_weight) * replicas
         self._ensemble_loss.update_state(ens_loss, sample_weight=ops.shape(ens)[0])
         for m in self._ensemble_metrics:
