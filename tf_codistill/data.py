@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
+from tf_codistill import text_data
 from tf_codistill.checks import check_int, is_int, is_number
 from tf_codistill.datasets.mnist1d import Mnist1d, config_for
 
@@ -66,6 +67,17 @@ class DatasetSpec:
     num_test: int
     train_split: str
     test_split: str
+    # Character-level text (tf_codistill.text_data): windows of `context`
+    # characters over `vocabulary`; validation chooses, test reports.
+    validation_split: str | None = None
+    context: int | None = None
+    vocabulary: str | None = None
+    train_fraction: float = 1.0
+    data_dir: str | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.context is not None
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -167,7 +179,9 @@ def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuild
     return builder
 
 
-def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.0) -> DatasetSpec:
+def load_spec(
+    name: str, data_dir: str | None = None, train_fraction: float = 1.0, context: int = 64
+) -> DatasetSpec:
     """Prepares the dataset if needed and describes it.
 
     Args:
@@ -175,6 +189,8 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
         data_dir: TFDS data directory.
         train_fraction: use the first `train_fraction` of the training split
             (the paper's less-data study), in (0, 1].
+        context: characters per window, for the text datasets
+            (`tf_codistill.text_data.TEXT_DATASETS`).
 
     Raises:
         ValueError: unknown dataset, no supervised keys, bad fraction.
@@ -191,6 +207,8 @@ def load_spec(name: str, data_dir: str | None = None, train_fraction: float = 1.
         path = os.path.expanduser(os.fspath(data_dir))
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"data_dir {path} is an existing file, not a directory.")
+    if name in text_data.TEXT_DATASETS:
+        return text_data.load_spec(name, data_dir, train_fraction, context)
     builder = _prepared_builder(name, data_dir)
     info = builder.info
     if not info.supervised_keys:
@@ -288,6 +306,10 @@ def train_batches(
     _check_part("slice_of", slice_of)
     if not (is_int(skip_batches) and skip_batches >= 0):
         raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
+    if spec.is_text:
+        if shard is not None or slice_of is not None:
+            raise ValueError("text windows are drawn per seed; shard and slice_of do not apply.")
+        return text_data.train_windows(spec, batch_size, seed, skip_batches)
     ds = _split(spec, spec.train_split, data_dir, shard)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
@@ -328,17 +350,23 @@ def eval_batches(
     data_dir: str | None = None,
     shard: tuple[int, int] | None = None,
     limit: int | None = None,
+    split: str | None = None,
 ):
-    """The test split, in order, batched.
+    """The test split (or `split`), in order, batched.
 
     Args:
         shard: `(index, count)` to read only every count-th example.
         limit: use only the first `limit` test examples (before sharding).
+        split: another split than `spec.test_split` (text: "validation").
     """
     _check_batch_size(batch_size)
     _check_part("shard", shard)
     if limit is not None and not (is_int(limit) and limit >= 0):
         raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}.")
+    if spec.is_text:
+        return text_data.eval_windows(spec, split or spec.test_split, batch_size, shard, limit)
+    if split is not None and split != spec.test_split:
+        raise ValueError(f"Dataset {spec.name!r} is evaluated on its {spec.test_split} split only.")
     builder = _prepared_builder(spec.name, data_dir)
     ds = builder.as_dataset(split=spec.test_split, as_supervised=True, shuffle_files=False)
     if limit is not None:
@@ -364,6 +392,8 @@ def check_labels(
             f"Dataset {spec.name!r} has {spec.num_classes} classes but the model has "
             f"{num_outputs} outputs; build the model with num_classes={spec.num_classes}."
         )
+    if spec.is_text:  # the labels are symbols of the vocabulary, checked above
+        return
     ds = _split(spec, spec.train_split, data_dir, None).take(max_examples).map(lambda x, y: y)
     labels = np.concatenate([b.numpy() for b in ds.batch(10_000)]) if spec.num_train else np.array([])
     if labels.size and (labels.min() < 0 or labels.max() >= num_outputs):

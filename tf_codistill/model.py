@@ -12,9 +12,8 @@ through the same train step.
 
 from __future__ import annotations
 
-import re
-
 import copy
+import re
 from collections.abc import Callable, Sequence
 
 import keras
