@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+#: Datasets read as character windows (tf_codistill.text_data), and the folder
+#: name of their local copy under a data root.
+TEXT_DATASETS = {"tiny_shakespeare": "tinyshakespeare"}
+
+
 class ExitStatus(enum.IntEnum):
     """train.py's exit statuses, the one table its callers read (study.py
     records a DIVERGED run as an outcome; docs/operations.md lists them)."""
@@ -181,22 +186,49 @@ class TrainConfig:
         above_minimum=True,
         maximum=1,
     )
-    model: str = setting("cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50.")
+    context: int = setting(
+        64, "Text datasets (tiny_shakespeare): characters per window, the model's context.", minimum=1
+    )
+    model: str = setting("cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50, transformer.")
+    layers: int = setting(4, "transformer: blocks.", minimum=1)
+    heads: int = setting(4, "transformer: attention heads per block (they divide --width).", minimum=1)
+    width: int = setting(128, "transformer: model width (embedding size).", minimum=1)
+    dropout: float = setting(0.0, "transformer: dropout rate.", minimum=0, maximum=0.99)
     batch_size: int = setting(128, "Total batch per step over all groups (examples).", minimum=1)
     epochs: int = setting(60, "Epochs of the sync arm; codistillation takes as many updates.", minimum=0)
     steps: int = setting(0, "Total updates per model; overrides --epochs when > 0.", minimum=0)
+    steps_per_epoch: int = setting(
+        0,
+        "Updates between evaluations (an epoch of the logs, backups and schedules' epoch units); "
+        "0: one pass over the training set.",
+        minimum=0,
+        note="0: one pass over the training set",
+    )
     optimizer: str = setting(
         "sgd",
-        "SGD with momentum 0.9, Adam, or LAMB (keras.optimizers.Lamb: Adam with a per-layer trust ratio, "
+        "SGD with momentum 0.9, Adam, AdamW (beta_2 0.99; --weight_decay decoupled, on kernels and "
+        "embeddings), or LAMB (keras.optimizers.Lamb: Adam with a per-layer trust ratio, "
         "made for large batches; its lr is the relative change of each layer per step, so it wants a far "
         "smaller --base_lr than SGD).",
-        choices=("sgd", "adam", "lamb"),
+        choices=("sgd", "adam", "adamw", "lamb"),
     )
     base_lr: float = setting(
         0.4,
         "Learning rate per 256 examples of a model's batch (Goyal et al.).",
         minimum=0,
         above_minimum=True,
+    )
+    lr: float = setting(
+        0.0,
+        "Peak learning rate of every model, absolute (no batch scaling); overrides --base_lr when > 0.",
+        minimum=0,
+        note="0: --base_lr scaled by the batch",
+    )
+    lr_floor: float = setting(
+        0.0, "Cosine schedule: the final rate as a fraction of the peak.", minimum=0, maximum=1
+    )
+    clip_norm: float = setting(
+        0.0, "Clip each update's gradients to this global norm (0: no clipping).", minimum=0
     )
     lr_schedule: str = setting("step", "Learning-rate schedule.", choices=("step", "cosine", "constant"))
     lr_milestones: str = setting(
@@ -404,6 +436,23 @@ class TrainConfig:
                     f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
                 )
 
+        text = self.dataset in TEXT_DATASETS
+        if text != (self.model == "transformer"):
+            bad(
+                f"--dataset={self.dataset} with --model={self.model}: the text datasets "
+                f"({', '.join(TEXT_DATASETS)}) go with --model=transformer, and it with them."
+            )
+        if self.model == "transformer" and self.width % self.heads:
+            bad(f"--width={self.width} is not divisible by --heads={self.heads}; pick heads that divide it.")
+        if self.optimizer == "adamw" and "paper" in (self.wd_schedule, self.codistill_wd_schedule):
+            bad("--optimizer=adamw decays weights itself, at a constant rate: use --wd_schedule=constant.")
+
+    def model_options(self) -> dict:
+        """The builder options of --model (the Transformer's shape)."""
+        if self.model != "transformer":
+            return {}
+        return {"layers": self.layers, "heads": self.heads, "width": self.width, "dropout": self.dropout}
+
     def _check_registries(self) -> None:
         """Names looked up in registries that load Keras (checked last, so
         that every other mistake is reported without loading it)."""
@@ -421,8 +470,9 @@ class TrainConfig:
         multiple of an epoch; otherwise it is `epochs` whole epochs. `epochs`
         counts the epochs begun: ceil(updates / steps per epoch).
         """
-        total = self.steps if self.steps > 0 else self.epochs * max(1, num_train // self.batch_size)
-        steps_per_epoch = max(1, min(num_train // self.batch_size, total))
+        one_pass = self.steps_per_epoch or max(1, num_train // self.batch_size)
+        total = self.steps if self.steps > 0 else self.epochs * one_pass
+        steps_per_epoch = max(1, min(one_pass, total))
         epochs = max(1, math.ceil(total / steps_per_epoch))
         return steps_per_epoch, total, epochs
 

@@ -75,6 +75,8 @@ class DatasetSpec:
     train_fraction: float = 1.0
     data_dir: str | None = None
 
+    num_validation: int = 0
+
     @property
     def is_text(self) -> bool:
         return self.context is not None

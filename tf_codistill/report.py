@@ -26,6 +26,16 @@ EPOCH_LINE_KEYS = (
     "val_accuracy",
     "val_ensemble_accuracy",
 )
+# Language models: validation NLL (nats per token) in place of accuracy.
+TEXT_LINE_KEYS = (
+    "loss",
+    "task_loss",
+    "distill_loss",
+    "accuracy",
+    "agreement",
+    "val_loss",
+    "val_ensemble_loss",
+)
 
 
 def keras_verbose(verbose: int) -> int:
@@ -47,9 +57,10 @@ class EpochLine(keras.callbacks.Callback):
         verbose: train.py's --verbose; the line is printed only at 2.
     """
 
-    def __init__(self, epochs: int, verbose: int = 2):
+    def __init__(self, epochs: int, verbose: int = 2, keys: tuple[str, ...] = EPOCH_LINE_KEYS):
         super().__init__()
         self.epochs = epochs
+        self.keys = keys
         self.enabled = verbose == 2
         self._start = None
 
@@ -59,13 +70,23 @@ class EpochLine(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.enabled:
             wall = time.perf_counter() - self._start if self._start is not None else math.nan
-            print(format_epoch_line(self.model.name, epoch, self.epochs, logs or {}, wall), flush=True)
+            print(
+                format_epoch_line(self.model.name, epoch, self.epochs, logs or {}, wall, self.keys),
+                flush=True,
+            )
 
 
-def format_epoch_line(name: str, epoch: int, epochs: int, logs: dict, wall_seconds: float) -> str:
+def format_epoch_line(
+    name: str,
+    epoch: int,
+    epochs: int,
+    logs: dict,
+    wall_seconds: float,
+    keys: tuple[str, ...] = EPOCH_LINE_KEYS,
+) -> str:
     """`EpochLine`'s text for `epoch` (0-based) of `epochs`."""
     parts = [f"[{name}] epoch {epoch + 1}/{epochs}"]
-    parts += [f"{key} {float(logs[key]):.4f}" for key in EPOCH_LINE_KEYS if key in logs]
+    parts += [f"{key} {float(logs[key]):.4f}" for key in keys if key in logs]
     if float(logs.get("bad_peer_steps", 0)):  # only when a peer misbehaved
         parts.append(f"bad_peer_steps {float(logs['bad_peer_steps']):g}")
     if "staleness" in logs:
@@ -108,26 +129,25 @@ class EpochTimer(keras.callbacks.Callback):
 def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_params: int):
     """Bytes per training step, per worker: (inside the group, across
     groups, sent over a process boundary in all, what a multi-worker job of
-    this arm would send)."""
+    this arm would send). Predictions count every position of a sequence."""
+    outputs = spec.num_classes * (spec.context or 1)  # logits per example
     if runtime.distributed or runtime.separate_group:
         group_size = runtime.topology.group_size if runtime.distributed else 1
         in_group = 2 * (group_size - 1) / group_size * num_params * 4
         cross_group = (
-            exchange.bytes_sent_per_step(batch // group_size, spec.num_classes, num_params)
-            if exchange
-            else 0.0
+            exchange.bytes_sent_per_step(batch // group_size, outputs, num_params) if exchange else 0.0
         )
         sent = in_group + cross_group
         equivalent = sent
     elif exchange is not None:
         in_group = cross_group = sent = 0.0
-        equivalent = exchange.bytes_sent_per_step(batch, spec.num_classes, num_params)
+        equivalent = exchange.bytes_sent_per_step(batch, outputs, num_params)
     else:
         in_group = cross_group = sent = 0.0
         if groups > 1:
             # An all-gather of every group's logits: each worker sends its own
             # (batch x classes) block to each of the other groups.
-            equivalent = (groups - 1) * batch * spec.num_classes * 4
+            equivalent = (groups - 1) * batch * outputs * 4
         else:
             # Ring all-reduce of the gradient over as many workers as the
             # codistillation arm has groups.
@@ -155,6 +175,7 @@ def plot_runs(
     path: str,
     title: str | None = None,
     xlabel: str = "epoch (of the sync arm; equal updates per model)",
+    metric: str = "accuracy",
 ) -> None:
     """Test accuracy and training task loss against epochs, one line per label
     (with 5 or more epochs, a middle panel zooms into the last 40% of the
@@ -171,6 +192,8 @@ def plot_runs(
         path: Where the PNG goes.
         title: Drawn above both panels (wrapped, never clipped).
         xlabel: Both panels' x-axis label.
+        metric: "accuracy", or "loss" for language models (validation NLL
+            from `val_loss`, lower is better).
     """
     import matplotlib
 
@@ -190,8 +213,8 @@ def plot_runs(
     for label, histories in runs.items():
         color = None
         for key, ax, style in (
-            ("val_accuracy", ax_acc, "-"),
-            ("val_ensemble_accuracy", ax_acc, "--"),
+            (f"val_{metric}", ax_acc, "-"),
+            (f"val_ensemble_{metric}", ax_acc, "--"),
             ("task_loss", ax_loss, "-"),
         ):
             curves = [h[key] for h in histories if h.get(key)]
@@ -223,22 +246,31 @@ def plot_runs(
     if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
         for ax in (ax_acc, ax_loss):
             ax.set_xlim(0.5, longest + 0.5)
+    text = metric == "loss"
+    what = "validation NLL (nats per token)" if text else "test accuracy"
     if zoom:
-        title_zoom = "Test accuracy, last 40% of the epochs (zoomed)"
+        title_zoom = f"{what[0].upper()}{what[1:]}, last 40% of the epochs (zoomed)"
         if zoom_spans:
             # The y-range of the lines that end within ZOOM_POINTS of the best:
             # a collapsed arm would otherwise flatten the rest.
-            best = max(final for final, _, _ in zoom_spans)
-            near = [(low, high) for final, low, high in zoom_spans if final >= best - ZOOM_POINTS / 100]
+            sign = -1 if text else 1
+            best = max(sign * final for final, _, _ in zoom_spans)
+            near = [
+                (low, high) for final, low, high in zoom_spans if sign * final >= best - ZOOM_POINTS / 100
+            ]
             low, high = min(lo for lo, _ in near), max(hi for _, hi in near)
             margin = max((high - low) * 0.08, 1e-4)
             ax_zoom.set_ylim(low - margin, high + margin)
             if len(near) < len(zoom_spans):
                 title_zoom += f";\nlines ending over {ZOOM_POINTS:g} points below the best are off the panel"
-        ax_zoom.set(xlabel=xlabel, ylabel="test accuracy", title=title_zoom)
+        ax_zoom.set(xlabel=xlabel, ylabel=what, title=title_zoom)
     seeds = max((len(h) for h in runs.values()), default=1)
     spread = f" (mean ± s.e. over {seeds} seeds)" if seeds > 1 else ""
-    ax_acc.set(xlabel=xlabel, ylabel="test accuracy (mean of a run's groups)", title="Test accuracy" + spread)
+    ax_acc.set(
+        xlabel=xlabel,
+        ylabel=f"{what} (mean of a run's groups)",
+        title=("Validation NLL" if text else "Test accuracy") + spread,
+    )
     ax_loss.set(
         xlabel=xlabel, ylabel="training task loss (log scale)", title="Training loss" + spread, yscale="log"
     )
@@ -268,9 +300,9 @@ def plot_runs(
     files.write_atomic(path, image.getvalue())  # any tf.io.gfile filesystem
 
 
-def plot_histories(histories: dict[str, dict], path: str) -> None:
+def plot_histories(histories: dict[str, dict], path: str, metric: str = "accuracy") -> None:
     """train.py's comparison plot: one run per arm (see `plot_runs`)."""
-    plot_runs({arm: [history] for arm, history in histories.items()}, path)
+    plot_runs({arm: [history] for arm, history in histories.items()}, path, metric=metric)
 
 
 def format_table(runs: list[dict]) -> str:
@@ -291,6 +323,14 @@ def format_table(runs: list[dict]) -> str:
         lambda r: "-" if r["ensemble_test_accuracy"] is None else f"{r['ensemble_test_accuracy']:.4f}",
     )
     row("test loss (mean)", lambda r: f"{mean([g['test_loss'] for g in r['groups']]):.4f}")
+    if all("best_val_loss" in r["groups"][0] for r in runs):  # language models: NLL in nats per token
+        row("validation NLL, final (mean)", lambda r: f"{mean([g['val_loss'] for g in r['groups']]):.4f}")
+        row("validation NLL, best (mean)", lambda r: f"{mean([g['best_val_loss'] for g in r['groups']]):.4f}")
+        row(
+            "ensemble validation NLL, final",
+            lambda r: f"{r['ensemble_val_loss']:.4f}" if "ensemble_val_loss" in r else "-",
+        )
+        row("test perplexity (mean)", lambda r: f"{mean([g['test_perplexity'] for g in r['groups']]):.2f}")
     row("train task loss (mean)", lambda r: f"{mean([g['train_loss'] for g in r['groups']]):.4f}")
     row("bytes exchanged per step (equiv.)", lambda r: f"{r['bytes_equivalent_per_step']:,.0f}")
     row("examples / second", lambda r: f"{r['examples_per_second']:,.0f}")

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -16,7 +17,16 @@ from tf_codistill import backup as backup_mod
 from tf_codistill import files
 from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
-from tf_codistill.report import EpochLine, EpochTimer, _traffic, format_table, keras_verbose, plot_histories
+from tf_codistill.report import (
+    EPOCH_LINE_KEYS,
+    TEXT_LINE_KEYS,
+    EpochLine,
+    EpochTimer,
+    _traffic,
+    format_table,
+    keras_verbose,
+    plot_histories,
+)
 
 
 # --------------------------------------------------------------------------- arms
@@ -25,7 +35,7 @@ def _arm_schedules(config: TrainConfig, arm: str, batch: int, total_steps: int, 
     each train on `batch` examples per step (ArmPlan.batch decides that)."""
     from tf_codistill import schedules
 
-    peak = schedules.goyal_learning_rate(config.base_lr, batch)
+    peak = config.lr if config.lr > 0 else schedules.goyal_learning_rate(config.base_lr, batch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(total_steps - 1, 0))
     milestones_text = config.lr_milestones
@@ -37,10 +47,12 @@ def _arm_schedules(config: TrainConfig, arm: str, batch: int, total_steps: int, 
     if config.lr_schedule == "step":
         lr = schedules.WarmupPiecewiseDecay(peak, boundaries, 0.1, warmup)
     elif config.lr_schedule == "cosine":
-        lr = schedules.WarmupCosineDecay(peak, total_steps, warmup)
+        lr = schedules.WarmupCosineDecay(peak, total_steps, warmup, final_fraction=config.lr_floor)
     else:
         lr = schedules.WarmupPiecewiseDecay(peak, [], 0.1, warmup)
-    if wd_kind == "paper" and config.weight_decay > 0:
+    if config.optimizer == "adamw":  # decoupled, in the optimizer
+        wd = 0.0
+    elif wd_kind == "paper" and config.weight_decay > 0:
         wd = schedules.paper_weight_decay(boundaries, (config.weight_decay, config.weight_decay / 10, 0.0))
     else:
         wd = config.weight_decay
@@ -238,26 +250,35 @@ def _train_data(config: TrainConfig, spec, plan: ArmPlan, skip: int):
     return plan.runtime.dataset(dataset_fn)
 
 
-def _test_data(config: TrainConfig, spec, rt: runtime_mod.Runtime):
+def _test_data(config: TrainConfig, spec, rt: runtime_mod.Runtime, split: str | None = None):
+    """The evaluation split (`split`, default the test split), for this process."""
     from tf_codistill import data
 
+    batch = 256 if spec.is_text else 1000  # windows of `context` positions, or examples
     if not rt.distributed:
-        return data.eval_batches(spec, 1000, config.data_dir)
-    usable = spec.num_test - spec.num_test % rt.group_size  # equal shards: equal step counts
+        return data.eval_batches(spec, batch, config.data_dir, split=split)
+    total = spec.num_test if split in (None, spec.test_split) else spec.num_validation
+    usable = total - total % rt.group_size  # equal shards: equal step counts
 
     def dataset_fn(context):
         shard = (context.input_pipeline_id, context.num_input_pipelines)
-        return data.eval_batches(spec, 500, config.data_dir, shard=shard, limit=usable)
+        return data.eval_batches(spec, batch // 2, config.data_dir, shard=shard, limit=usable, split=split)
 
     return rt.eval_dataset(dataset_fn)
 
 
 def _optimizer(config: TrainConfig, lr):
+    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9)
+        return keras.optimizers.SGD(lr, momentum=0.9, **clip)
     if config.optimizer == "lamb":
-        return keras.optimizers.Lamb(lr)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.Lamb(lr, **clip)
+    if config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay, beta_2=0.99, **clip)
+        # Kernels and embeddings decay; biases, LayerNorm scales and offsets do not.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        return optimizer
+    return keras.optimizers.Adam(lr, **clip)
 
 
 def default_model_fn(config: TrainConfig):
@@ -265,7 +286,9 @@ def default_model_fn(config: TrainConfig):
     from models import build_model
 
     def model_fn(spec, seed):
-        return build_model(config.model, spec.input_shape, spec.num_classes, seed=seed)
+        return build_model(
+            config.model, spec.input_shape, spec.num_classes, seed=seed, **config.model_options()
+        )
 
     return model_fn
 
@@ -292,6 +315,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     keras.utils.set_random_seed(config.seed)
     train_ds = _train_data(config, spec, plan, skip)
     test_ds = _test_data(config, spec, rt)
+    # Text: validation during training (where choices are made), test at the end.
+    val_ds = _test_data(config, spec, rt, spec.validation_split) if spec.validation_split else test_ds
     with rt.scope():
         exchange = rt.exchange()
         members = rt.members(lambda g: model_fn(spec, config.seed * 1000 + g))
@@ -328,7 +353,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         ]
     callbacks.append(StepLogger(os.path.join(plan.directory, f"steps{plan.tag}.jsonl"), backup))
     verbose = config.verbose if rt.is_chief else 0
-    callbacks.append(EpochLine(plan.epochs, verbose))
+    callbacks.append(EpochLine(plan.epochs, verbose, TEXT_LINE_KEYS if spec.is_text else EPOCH_LINE_KEYS))
     where = f"rank {rt.rank} (group {rt.group}) " if rt.distributed else ""
     print(
         f"[{plan.arm}] {where}{plan.groups} group(s) x batch {plan.batch}, {plan.total_steps} updates per "
@@ -340,7 +365,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         train_ds,
         epochs=plan.epochs,
         steps_per_epoch=plan.steps_per_epoch,
-        validation_data=test_ds,
+        validation_data=val_ds,
         callbacks=callbacks,
         verbose=keras_verbose(verbose),
         shuffle=False,
@@ -370,6 +395,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         config, rt, exchange, plan.groups, plan.batch, spec, num_params
     )
     ensemble = final.get("ensemble_accuracy")
+    if spec.is_text:
+        _add_text_results(per_group, final, history, plan.groups > 1 and len(rt.local_groups) > 1)
     entry = {
         "arm": plan.arm,
         "num_groups": plan.groups,
@@ -388,6 +415,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         "batch_size_per_group": plan.batch,
         "groups": per_group,
         "ensemble_test_accuracy": float(ensemble) if ensemble is not None and plan.groups > 1 else None,
+        **(_ensemble_text_results(final, history) if spec.is_text and "ensemble_loss" in final else {}),
         "bytes_sent_per_step": float(sent),
         "bytes_in_group_per_step": float(in_group),
         "bytes_cross_group_per_step": float(cross_group),
@@ -422,6 +450,29 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         text = json.dumps({k: [float(v) for v in vs] for k, vs in history.items()}, indent=1)
         files.write_atomic(os.path.join(plan.directory, f"history{plan.tag}.json"), text.encode())
     return entry, history, backup
+
+
+def _add_text_results(per_group: list[dict], final: dict, history: dict, several: bool) -> None:
+    """Language-model figures per group: validation NLL (nats per character)
+    at the end and at its best epoch, test NLL, and their perplexities."""
+    for i, group in enumerate(per_group):
+        prefix = f"g{i}_" if several else ""
+        curve = [float(v) for v in history[f"val_{prefix}loss"]]
+        group.update(
+            val_loss=curve[-1],
+            best_val_loss=min(curve),
+            best_val_epoch=curve.index(min(curve)) + 1,
+            test_perplexity=math.exp(group["test_loss"]),
+            val_perplexity=math.exp(curve[-1]),
+        )
+
+
+def _ensemble_text_results(final: dict, history: dict) -> dict:
+    curve = [float(v) for v in history.get("val_ensemble_loss", [])]
+    out = {"ensemble_test_loss": float(final["ensemble_loss"])}
+    if curve:
+        out.update(ensemble_val_loss=curve[-1], ensemble_best_val_loss=min(curve))
+    return out
 
 
 def _make_backup(config: TrainConfig, plan: ArmPlan, timer: EpochTimer):
@@ -481,7 +532,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     first = runtimes[arms[0]]
     from tf_codistill import data
 
-    spec = data.load_spec(config.dataset, config.data_dir, config.train_fraction)
+    spec = data.load_spec(config.dataset, config.data_dir, config.train_fraction, config.context)
     if spec.num_train < config.batch_size:
         raise ValueError(
             f"--batch_size={config.batch_size} is larger than the training set ({spec.num_train} "
@@ -523,7 +574,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     results = {"runs": runs}
     if first.is_chief:
         files.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1).encode())
-        plot_histories(histories, os.path.join(workdir, "comparison.png"))
+        plot_histories(
+            histories, os.path.join(workdir, "comparison.png"), "loss" if spec.is_text else "accuracy"
+        )
         print()
         print(format_table(runs))
     # Results are on disk: a rerun now starts afresh.

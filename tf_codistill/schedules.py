@@ -137,24 +137,29 @@ class WarmupPiecewiseDecay(Schedule):
 
 @_register
 class WarmupCosineDecay(Schedule):
-    """Linear warmup to `peak_lr`, then half a cosine down to 0 at `total_steps`."""
+    """Linear warmup to `peak_lr`, then half a cosine down to
+    `final_fraction * peak_lr` (default 0) at `total_steps`."""
 
-    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0):
         if check_number("peak_lr", peak_lr) <= 0:
             raise ValueError(f"learning rate must be > 0, got {peak_lr}.")
         check_int("total_steps", total_steps, 1)
         check_int("warmup_steps", warmup_steps, 0)
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(f"need 0 <= warmup_steps < total_steps; got {warmup_steps} and {total_steps}.")
+        if not 0.0 <= check_number("final_fraction", final_fraction) <= 1.0:
+            raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}.")
         self.peak_lr = float(peak_lr)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
+        self.final_fraction = float(final_fraction)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
         decay_len = float(self.total_steps - self.warmup_steps)
         progress = ops.clip((step - self.warmup_steps) / decay_len, 0.0, 1.0)
-        lr = 0.5 * self.peak_lr * (1.0 + ops.cos(3.141592653589793 * progress))
+        floor = self.final_fraction * self.peak_lr
+        lr = floor + 0.5 * (self.peak_lr - floor) * (1.0 + ops.cos(3.141592653589793 * progress))
         if self.warmup_steps:
             warm = self.peak_lr * ops.minimum((step + 1.0) / self.warmup_steps, 1.0)
             lr = ops.where(step < self.warmup_steps, warm, lr)
@@ -165,6 +170,7 @@ class WarmupCosineDecay(Schedule):
             "peak_lr": self.peak_lr,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
+            **({"final_fraction": self.final_fraction} if self.final_fraction else {}),
         }
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tf_codistill.config import TEXT_DATASETS
+
 __all__ = ["TEXT_DATASETS", "DATA_ENV", "local_copy_dirs", "load_spec", "train_windows", "eval_windows"]
 
-#: TFDS text datasets read as characters, and the folder name of their local copy.
-TEXT_DATASETS = {"tiny_shakespeare": "tinyshakespeare"}
 #: Environment variable naming a folder of local copies (`<it>/tinyshakespeare/input.txt`).
 DATA_ENV = "TF_CODISTILL_DATA"
 _FILE = "input.txt"
@@ -120,6 +120,7 @@ def load_spec(name: str, data_dir: str | None, train_fraction: float, context: i
         train_split="train" if train_fraction == 1.0 else f"train[:{train_fraction:g}]",
         test_split="test",
         validation_split="validation",
+        num_validation=_num_windows(len(_ids(name, data_dir, "validation", 1.0)), context),
         context=context,
         vocabulary=vocabulary,
         train_fraction=train_fraction,
