@@ -3,14 +3,16 @@ import pytest
 
 from models import MODELS, build_model, count_params
 
-SHAPES = {"cnn1d": (40,), "mlp": (40,), "resnet20": (32, 32, 3), "resnet50": (64, 64, 3)}
+SHAPES = {"cnn1d": (40,), "mlp": (40,), "resnet20": (32, 32, 3), "resnet50": (64, 64, 3), "transformer": (12,)}
+# Logits per example, or per position for the language model.
+OUTPUTS = {"transformer": (12, 7)}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_builder_has_the_same_signature_and_emits_logits(name):
     model = build_model(name, SHAPES[name], 7, seed=0)
-    x = np.zeros((2, *SHAPES[name]), "float32")
-    assert model(x).shape == (2, 7)
+    x = np.zeros((2, *SHAPES[name]), "int32" if name == "transformer" else "float32")
+    assert model(x).shape == (2, *OUTPUTS.get(name, (7,)))
     assert model.layers[-1].get_config().get("activation") in (None, "linear")
 
 

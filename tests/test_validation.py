@@ -69,7 +69,7 @@ BAD_CONFIGS = [
     (dict(data_mode="mixed"), ValueError, "--data_mode must be auto, shared or independent"),
     (dict(exchange="grpc"), ValueError, "--exchange must be auto, local, horovod or weights"),
     (dict(on_stale="wait"), ValueError, "--on_stale must be keep or drop"),
-    (dict(optimizer="sgdd"), ValueError, "--optimizer must be sgd, adam or lamb"),
+    (dict(optimizer="sgdd"), ValueError, "--optimizer must be sgd, adam, adamw or lamb"),
     (dict(lr_schedule="cos"), ValueError, "--lr_schedule must be step, cosine or constant"),
     (dict(wd_schedule="linear"), ValueError, "--wd_schedule must be constant or paper"),
     (dict(distance="KL"), ValueError, "--distance must be mse, kl or reverse_kl; got 'KL'"),
@@ -422,7 +422,7 @@ STUDY = 'name = "s"\nseeds = [0]\n[common]\nsteps = 10\n[[arms]]\nlabel = "a"\nm
         (STUDY + "alpha = nan\n", "arm 'a': --alpha must be a finite number, got nan"),
         (STUDY.replace("steps = 10", 'steps = "10"'), "[common]: --steps must be an integer, got '10'"),
         (STUDY.replace("steps = 10", "steps = -10"), "[common]: --steps must be >= 0, got -10"),
-        (STUDY + 'optimizer = "sgdd"\n', "--optimizer must be sgd, adam or lamb; got 'sgdd'"),
+        (STUDY + 'optimizer = "sgdd"\n', "--optimizer must be sgd, adam, adamw or lamb; got 'sgdd'"),
         (STUDY + 'lr_milestones = "0.5,0.2"\n', "--lr_milestones='0.5,0.2': give goyal or delayed"),
         (
             STUDY.replace("seeds = [0]", "seeds = [true]"),
