@@ -3,7 +3,13 @@ import pytest
 
 from models import MODELS, build_model, count_params
 
-SHAPES = {"cnn1d": (40,), "mlp": (40,), "resnet20": (32, 32, 3), "resnet50": (64, 64, 3), "transformer": (12,)}
+SHAPES = {
+    "cnn1d": (40,),
+    "mlp": (40,),
+    "resnet20": (32, 32, 3),
+    "resnet50": (64, 64, 3),
+    "transformer": (12,),
+}
 # Logits per example, or per position for the language model.
 OUTPUTS = {"transformer": (12, 7)}
 

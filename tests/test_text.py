@@ -18,7 +18,11 @@ from models import build_model, count_params
 from tf_codistill import data, text_data
 
 LOCAL_COPY = next(
-    (d for d in text_data.local_copy_dirs("tiny_shakespeare") if os.path.isfile(os.path.join(d, "input.txt"))),
+    (
+        d
+        for d in text_data.local_copy_dirs("tiny_shakespeare")
+        if os.path.isfile(os.path.join(d, "input.txt"))
+    ),
     None,
 )
 needs_text = pytest.mark.skipif(LOCAL_COPY is None, reason="no local copy of tinyshakespeare/input.txt")
@@ -139,3 +143,37 @@ def test_train_runs_both_arms_and_reports_validation_nll(tmp_path, data_dir):
     assert codistill["bytes_equivalent_per_step"] == 1 * 4 * CONTEXT * 65 * 4
     history = (tmp_path / "codistill" / "history.csv").read_text().splitlines()
     assert len(history) == 4 and "val_ensemble_loss" in history[0]
+
+
+def _example(workdir, data_dir, processes=None):
+    import subprocess
+    import sys
+
+    from conftest import REPO, python_env, worker_env
+
+    argv = ["examples/own_transformer.py", "--steps=30", f"--workdir={workdir}", f"--data_dir={data_dir}"]
+    if processes:
+        argv = [sys.executable, "-m", "tf_codistill.launch", "--np", str(processes), "--groups", "2"]
+        argv += ["--timeout", "280", "--", "examples/own_transformer.py", "--steps=30"]
+        argv += [f"--workdir={workdir}", f"--data_dir={data_dir}"]
+        env = worker_env()
+    else:
+        argv = [sys.executable, *argv]
+        env = python_env()
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text())["runs"][0]
+
+
+@needs_text
+def test_own_transformer_example_in_one_process(tmp_path, data_dir):
+    run = _example(tmp_path, data_dir)
+    assert [g["group"] for g in run["groups"]] == [0, 1]
+    assert all(g["val_loss"] < np.log(65) for g in run["groups"])  # below the uniform guess
+
+
+@needs_text
+def test_own_transformer_example_as_a_two_process_horovod_job(tmp_path, data_dir, horovod_installed):
+    run = _example(tmp_path, data_dir, processes=2)
+    assert run["world_size"] == 2 and [g["group"] for g in run["groups"]] == [0, 1]
+    assert all(g["val_loss"] < np.log(65) for g in run["groups"])
