@@ -396,7 +396,11 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     )
     ensemble = final.get("ensemble_accuracy")
     if spec.is_text:
+        from tf_codistill.text_data import generate
+
         _add_text_results(per_group, final, history, plan.groups > 1 and len(rt.local_groups) > 1)
+        for group, member in zip(per_group, members):
+            group["sample"] = generate(member, spec, seed=config.seed)
     entry = {
         "arm": plan.arm,
         "num_groups": plan.groups,

@@ -83,9 +83,13 @@ _STUDY_KEYS = (
     "contrasts",
     "target_accuracy",
     "select",
+    "metric",
 )
 _ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
 _SELECT = ("test_accuracy", "train_loss")
+# What a study compares: test accuracy (classifiers), or validation NLL in nats
+# per token (language models: chosen and compared on validation, test beside it).
+_METRICS = ("accuracy", "nll")
 # The convergence criterion: sync's mean test accuracy may change by less than
 # this many points over the last `_TAIL` of the run's updates.
 CONVERGED_POINTS = 0.2
@@ -123,6 +127,11 @@ CURVE_FIELDS = (
     "epoch_seconds",
 )
 _CURVE_KEYS = ("val_accuracy", "val_ensemble_accuracy", "task_loss", "epoch_seconds")
+# Language-model studies (metric = "nll") add these columns; the others' CSVs are unchanged.
+_NLL_RUN_FIELDS = ("best_val_loss", "val_loss", "ensemble_best_val_loss", "ensemble_val_loss", "sample")
+_NLL_CURVE_KEYS = ("val_loss", "val_ensemble_loss")
+# The two NLL outcomes every language-model comparison reports.
+_NLL_OUTCOMES = (("best_val_loss", "best validation NLL"), ("val_loss", "final validation NLL"))
 _INT_FIELDS = {
     "seed",
     "num_groups",
@@ -133,7 +142,19 @@ _INT_FIELDS = {
     "epoch",
     "updates",
 }
-_STR_FIELDS = {"study", "arm", "status", "mode"}
+_STR_FIELDS = {"study", "arm", "status", "mode", "sample"}
+
+
+def _run_fields(study: dict) -> tuple:
+    return RUN_FIELDS + (_NLL_RUN_FIELDS if study.get("metric") == "nll" else ())
+
+
+def _curve_keys(study: dict) -> tuple:
+    return _CURVE_KEYS + (_NLL_CURVE_KEYS if study.get("metric") == "nll" else ())
+
+
+def _curve_fields(study: dict) -> tuple:
+    return CURVE_FIELDS + (_NLL_CURVE_KEYS if study.get("metric") == "nll" else ())
 
 
 # --------------------------------------------------------------------------- study files
@@ -274,6 +295,11 @@ def load_study(path: str) -> dict:
     target = study.get("target_accuracy")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"{path}: `target_accuracy` must be a number in (0, 1]; got {target!r}.")
+    study.setdefault("metric", "accuracy")
+    if study["metric"] not in _METRICS:
+        raise ValueError(f"{path}: `metric` must be one of {list(_METRICS)}; got {study['metric']!r}.")
+    if study["metric"] == "nll" and (target is not None or any("grid" in arm for arm in arms)):
+        raise ValueError(f'{path}: metric = "nll" takes no `target_accuracy` and no `[arms.grid]`.')
     study.setdefault("select", "test_accuracy")
     if study["select"] not in _SELECT:
         raise ValueError(f"{path}: `select` must be one of {list(_SELECT)}; got {study['select']!r}.")
@@ -446,6 +472,14 @@ def collect(study: dict, out: str) -> tuple[list[dict], list[dict]]:
                 train_seconds=run.get("train_seconds"),
                 process_seconds=process,
             )
+            if study.get("metric") == "nll":
+                row.update(
+                    best_val_loss=_mean([g["best_val_loss"] for g in groups]),
+                    val_loss=_mean([g["val_loss"] for g in groups]),
+                    ensemble_best_val_loss=run.get("ensemble_best_val_loss"),
+                    ensemble_val_loss=run.get("ensemble_val_loss"),
+                    sample=groups[0].get("sample"),
+                )
             runs.append(row)
             for epoch in range(epochs):
                 curve = {
@@ -455,7 +489,7 @@ def collect(study: dict, out: str) -> tuple[list[dict], list[dict]]:
                     "epoch": epoch + 1,
                     "updates": min((epoch + 1) * per_epoch, run["steps"]),
                 }
-                for key in _CURVE_KEYS:
+                for key in _curve_keys(study):
                     values = history.get(key)
                     curve[key] = values[epoch] if values and epoch < len(values) else None
                 curves.append(curve)
@@ -502,16 +536,17 @@ def _read_csv(path: str, fields) -> list[dict]:
     return rows
 
 
-def write_csvs(study_dir: str, runs: list[dict], curves: list[dict]) -> None:
+def write_csvs(study_dir: str, runs: list[dict], curves: list[dict], study: dict | None = None) -> None:
     os.makedirs(study_dir, exist_ok=True)
-    _write_csv(os.path.join(study_dir, "runs.csv"), RUN_FIELDS, runs)
-    _write_csv(os.path.join(study_dir, "curves.csv"), CURVE_FIELDS, curves)
+    study = study or {}
+    _write_csv(os.path.join(study_dir, "runs.csv"), _run_fields(study), runs)
+    _write_csv(os.path.join(study_dir, "curves.csv"), _curve_fields(study), curves)
 
 
 def read_csvs(study: dict, study_dir: str) -> tuple[list[dict], list[dict]]:
     """The two CSVs of `study`, checked against its arms and seeds."""
-    runs = _read_csv(os.path.join(study_dir, "runs.csv"), RUN_FIELDS)
-    curves = _read_csv(os.path.join(study_dir, "curves.csv"), CURVE_FIELDS)
+    runs = _read_csv(os.path.join(study_dir, "runs.csv"), _run_fields(study))
+    curves = _read_csv(os.path.join(study_dir, "curves.csv"), _curve_fields(study))
     have = {(r["arm"], r["seed"]) for r in runs}
     want = [(arm["label"], seed) for arm in study["arms"] for seed in study["seeds"]]
     missing = [f"{a}/seed{s}" for a, s in want if (a, s) not in have]
@@ -583,13 +618,14 @@ class _Data:
             return labels[0]
         return max(labels, key=self.score)  # the first of equals, in file order
 
-    def accuracies(self, base: str) -> list[float]:
-        return [r["test_accuracy"] for r in self.ok(self.chosen[base])]
+    def accuracies(self, base: str, key: str = "test_accuracy") -> list[float]:
+        return [r[key] for r in self.ok(self.chosen[base])]
 
     def history(self, label: str, seed: int) -> dict:
         rows = self.curves.get((label, seed), [])
         return {
-            key: [c[key] for c in rows] if rows and rows[0][key] is not None else [] for key in _CURVE_KEYS
+            key: [c[key] for c in rows] if rows and rows[0][key] is not None else []
+            for key in _curve_keys(self.study)
         }
 
     def updates_to(self, label: str, seed: int, target: float):
@@ -638,8 +674,8 @@ def _convergence(data: _Data) -> list[str]:
     return lines
 
 
-def _comparisons(data: _Data) -> list[dict]:
-    """Every declared comparison: arm vs its baseline, then the contrasts."""
+def _comparisons(data: _Data, key: str = "test_accuracy") -> list[dict]:
+    """Every declared comparison of outcome `key`: arm vs its baseline, then the contrasts."""
     study = data.study
     items = []
     for base in _reported_arms(study):
@@ -650,7 +686,7 @@ def _comparisons(data: _Data) -> list[dict]:
         items.append(
             {
                 "name": f"{base} - {against}",
-                "samples": [data.accuracies(base), data.accuracies(against)],
+                "samples": [data.accuracies(base, key), data.accuracies(against, key)],
                 "coefficients": [1, -1],
                 "expected": arm.get("expected"),
             }
@@ -659,7 +695,7 @@ def _comparisons(data: _Data) -> list[dict]:
         items.append(
             {
                 "name": item["name"],
-                "samples": [data.accuracies(b) for b in item["plus"] + item["minus"]],
+                "samples": [data.accuracies(b, key) for b in item["plus"] + item["minus"]],
                 "coefficients": [1] * len(item["plus"]) + [-1] * len(item["minus"]),
                 "expected": item.get("expected"),
                 "formula": " + ".join(item["plus"]) + " - " + " - ".join(item["minus"]),
@@ -710,6 +746,8 @@ def _plot_curves(data: _Data, path: str) -> None:
     kwargs = {}
     if len(set(known)) > 1:
         kwargs["xlabel"] = f"epoch ({common:,} updates unless the legend says otherwise)"
+    if data.study.get("metric") == "nll":
+        kwargs["metric"] = "loss"
     plot_runs(runs, path, title=data.study["title"], **kwargs)
 
 
@@ -875,6 +913,91 @@ def _minutes(runs) -> str:
     return f"{_mean(seconds) / 60:.1f}" if seconds else "-"
 
 
+def _overfitting(data: _Data) -> list[str]:
+    """Language models, one line per sync arm: where its mean validation NLL
+    is lowest and how far the last epoch ends above that (the regime: a
+    curve that passes a minimum and rises overfits)."""
+    lines = []
+    for base in _reported_arms(data.study):
+        label = data.chosen[base]
+        if _effective(data.study, data.by_label[label], "mode") != "sync":
+            continue
+        curves = [data.curves.get((label, r["seed"]), []) for r in data.ok(label)]
+        curves = [c for c in curves if c and c[0]["val_loss"] is not None]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        mean = [_mean([c[i]["val_loss"] for c in curves]) for i in range(length)]
+        low = min(range(length), key=mean.__getitem__)
+        rise = mean[-1] - mean[low]
+        regime = "overfits (passes a minimum and rises)" if rise > 0.01 else "does not overfit"
+        lines.append(
+            f"Regime of `{base}`: mean validation NLL lowest at epoch {low + 1} of {length} "
+            f"(update {curves[0][low]['updates']:,}: {mean[low]:.4f}), final {mean[-1]:.4f} "
+            f"({rise:+.4f}): it {regime}."
+        )
+    return lines
+
+
+def _nll_lines(study: dict, data: _Data, image_dir: str) -> list[str]:
+    """The language-model report: NLL table, comparisons on best and final
+    validation NLL, generated text."""
+    lines = _overfitting(data) + [""]
+    header = (
+        "| arm | flags | best val NLL | final val NLL | ensemble best | ensemble final | test NLL "
+        "| train task loss | updates | bytes/step (equiv.) | minutes/run |"
+    )
+    lines += [header, "|" + "---|" * header.count(" |")]
+    for base in _reported_arms(study):
+        label = data.chosen[base]
+        runs = data.ok(label)
+        arm = data.by_label[label]
+        if not runs:
+            lines.append(f"| {base} | `{_arm_flags(arm)}` |" + " - |" * 9)
+            continue
+        steps = sorted({r["steps"] for r in runs})
+        cells = [_num([r[k] for r in runs]) for k in ("best_val_loss", "val_loss")]
+        cells += [_num([r[k] for r in runs]) for k in ("ensemble_best_val_loss", "ensemble_val_loss")]
+        cells += [_num([r["test_loss"] for r in runs]), _num([r["train_loss"] for r in runs])]
+        lines.append(
+            f"| {base} | `{_arm_flags(arm)}` | {' | '.join(cells)} | {'/'.join(f'{s:,}' for s in steps)} | "
+            f"{runs[0]['bytes_equivalent_per_step']:,.0f} | {_minutes(runs)} |"
+        )
+    lines += [
+        "",
+        "NLL in nats per character: mean of a run's groups, mean ± standard error over seeds; best: the "
+        "lowest epoch's (validation split, as nanoGPT reports), final: the last epoch's; test NLL at the "
+        "end of the run; ensemble: the members' mean probabilities.",
+        "",
+    ]
+    for key, what in _NLL_OUTCOMES:
+        items = _comparisons(data, key)
+        if not items:
+            continue
+        lines += [
+            f"| comparison ({what}) | difference, nats | 95% CI (Welch) | p (two-sided) | expected | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for item in items:
+            res = item["result"]
+            name = item["name"] if "formula" not in item else f"{item['name']}: {item['formula']}"
+            if res is None:
+                lines.append(f"| {name} | - | - | - | {item['expected'] or '-'} | {item['verdict']} |")
+                continue
+            lines.append(
+                f"| {name} | {res.diff:+.4f} | [{res.low:+.4f}, {res.high:+.4f}] | {res.p:.3f} | "
+                f"{item['expected'] or '-'} | {item['verdict']} |"
+            )
+        lines += ["", _finding(study, items).replace("Finding:", f"Finding ({what}):"), ""]
+    lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
+    for base in _reported_arms(study):
+        runs = [r for r in data.ok(data.chosen[base]) if r.get("sample")]
+        if runs:
+            lines += [f"Generated by `{base}` (group 0, seed {runs[0]['seed']}, 300 characters):", ""]
+            lines += ["```", runs[0]["sample"].rstrip("\n"), "```", ""]
+    return lines
+
+
 def _study_lines(study: dict, data: _Data, image_dir: str, config_shown: str) -> list[str]:
     runs_all = [r for rows in data.runs.values() for r in rows]
     minutes = _finite([r["process_seconds"] for r in runs_all])
@@ -888,6 +1011,8 @@ def _study_lines(study: dict, data: _Data, image_dir: str, config_shown: str) ->
     ]
     if study.get("expect"):
         lines += [f"Expected (written before the run): {study['expect']}", ""]
+    if study.get("metric") == "nll":
+        return lines + _nll_lines(study, data, image_dir)
     lines += _convergence(data) + [""]
     target = study.get("target_accuracy")
     header = (
@@ -1086,7 +1211,7 @@ def main(argv=None) -> int:
             continue
         try:
             run_study(study, args.out, args.parallel, args.timeout)
-            write_csvs(os.path.join(args.out, study["name"]), *collect(study, args.out))
+            write_csvs(os.path.join(args.out, study["name"]), *collect(study, args.out), study)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             print(f"study: error: {err}", file=sys.stderr)
             return 1

@@ -167,3 +167,23 @@ def eval_windows(
     if shard is not None:
         ds = ds.shard(shard[1], shard[0])
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def generate(model, spec, length: int = 300, seed: int = 0, prompt: str = "\n") -> str:
+    """`length` characters sampled from `model`'s next-character distribution
+    (temperature 1), continuing `prompt`; the model sees the last `context`
+    characters (a shorter start is padded after its end, which a causal
+    model does not read)."""
+    index = {c: i for i, c in enumerate(spec.vocabulary)}
+    ids = [index.get(c, 0) for c in prompt] or [0]
+    context = spec.context
+    rng = np.random.default_rng(seed)
+    forward = tf.function(lambda window: model(window, training=False))
+    for _ in range(length):
+        window = ids[-context:]
+        padded = np.zeros((1, context), np.int32)
+        padded[0, : len(window)] = window
+        logits = np.asarray(forward(tf.constant(padded)), np.float64)[0, len(window) - 1]
+        p = np.exp(logits - logits.max())
+        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    return "".join(spec.vocabulary[i] for i in ids[len(prompt) :])
