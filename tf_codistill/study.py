@@ -407,7 +407,8 @@ def _run_one(study: dict, arm: dict, seed: int, out: str, timeout: float, log) -
 
 def run_study(study: dict, out: str, parallel: int, timeout: float, log=print) -> None:
     """Runs every missing (arm, seed) of `study`."""
-    jobs = [(arm, seed) for arm in study["arms"] for seed in study["seeds"]]
+    # Seed by seed: an interrupted study has whole seeds of every arm.
+    jobs = [(arm, seed) for seed in study["seeds"] for arm in study["arms"]]
     log(f"{study['name']}: {len(jobs)} runs ({parallel} at a time)")
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = [pool.submit(_run_one, study, arm, seed, out, timeout, log) for arm, seed in jobs]
