@@ -126,3 +126,24 @@ def test_labels_that_do_not_fit_fail_with_one_line():
 def test_members_with_different_vocabularies_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         CodistillModel([_member(0), _member(1, vocab=VOCAB + 1)])
+
+
+def test_clip_norm_clips_each_member_on_its_own():
+    """With clip_norm, each member's SGD step equals a lone Keras model's step
+    with `global_clipnorm` (the norm of its own gradient, not of all members')."""
+    x, y = _data(pad=False)
+    model = CodistillModel([_member(0), _member(1)], alpha=0.0, data_mode="shared", clip_norm=0.01)
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    before = model.members[0].get_weights()
+    model.train_on_batch(x, y)
+    for i in range(2):
+        alone = _member(i)
+        alone.compile(
+            optimizer=keras.optimizers.SGD(1.0, global_clipnorm=0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        alone.train_on_batch(x, y)
+        for a, b in zip(model.members[i].get_weights(), alone.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    step = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(model.members[0].get_weights(), before)))
+    assert step < 0.012  # about lr x clip_norm (the embedding's sparse rows are counted apart)

@@ -228,7 +228,9 @@ class TrainConfig:
         0.0, "Cosine schedule: the final rate as a fraction of the peak.", minimum=0, maximum=1
     )
     clip_norm: float = setting(
-        0.0, "Clip each update's gradients to this global norm (0: no clipping).", minimum=0
+        0.0,
+        "Clip each model's gradient to this global norm, every member on its own (0: no clipping).",
+        minimum=0,
     )
     lr_schedule: str = setting("step", "Learning-rate schedule.", choices=("step", "cosine", "constant"))
     lr_milestones: str = setting(

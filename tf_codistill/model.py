@@ -297,6 +297,9 @@ class CodistillModel(keras.Model):
             Inf contributes no distillation term in that step (logged as
             `bad_peer_steps`); after this many such steps training stops
             with `PeerFailureError` naming the group.
+        clip_norm: if given, each member's gradient is clipped to this
+            global norm on its own (an optimizer's `global_clipnorm` would
+            take the norm over every local member together).
 
     Raises:
         ValueError: on an empty member list, members whose outputs differ in
@@ -318,6 +321,7 @@ class CodistillModel(keras.Model):
         weight_decay: float | Schedule = 0.0,
         num_classes: int | None = None,
         max_bad_peer_steps: int = 10,
+        clip_norm: float | None = None,
         name: str = "codistill",
         **kwargs,
     ):
@@ -349,6 +353,9 @@ class CodistillModel(keras.Model):
                 f"got {type(exchange).__name__}."
             )
         check_int("max_bad_peer_steps", max_bad_peer_steps)
+        if clip_norm is not None and not (is_number(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.members = members
         self.distance = get_distance(distance, temperature)
         self.temperature = temperature
@@ -391,6 +398,7 @@ class CodistillModel(keras.Model):
             "weight_decay": wd if isinstance(wd, float) else serialize(wd),
             "num_classes": self.num_classes,
             "max_bad_peer_steps": self.max_bad_peer_steps,
+            **({"clip_norm": self.clip_norm} if self.clip_norm is not None else {}),
         }
 
     @classmethod
@@ -778,6 +786,19 @@ class CodistillModel(keras.Model):
         flat = self.distance.per_example(_rows(teacher), _rows(student))
         return tf.reshape(flat, tf.shape(student)[:-1])
 
+    def _clip_per_member(self, grads, variables, loss_scale):
+        """Each member's gradients clipped to `clip_norm` (of the unscaled
+        gradient: `loss_scale` is the mixed-float16 loss scale, else 1)."""
+        owner = {id(v): i for i, m in enumerate(self.members) for v in m.trainable_variables}
+        out = list(grads)
+        for i in range(len(self.members)):
+            index = [k for k, v in enumerate(variables) if owner.get(id(v)) == i and out[k] is not None]
+            if index:
+                clipped, _ = tf.clip_by_global_norm([out[k] for k in index], self.clip_norm * loss_scale)
+                for k, g in zip(index, clipped):
+                    out[k] = g
+        return out
+
     def _weight_penalty(self):
         wd = self.weight_decay
         if isinstance(wd, float):
@@ -827,6 +848,9 @@ class CodistillModel(keras.Model):
             scaled = self.optimizer.scale_loss(total) if self.optimizer is not None else total
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
+        if self.clip_norm is not None:
+            scale = self.optimizer.scale_loss(1.0) if self.optimizer is not None else 1.0
+            grads = self._clip_per_member(grads, variables, ops.cast(scale, "float32"))
         # Every forward pass (peers' included) must read the weights before any
         # update writes them: a peer's forward pass on another member's batch
         # is not upstream of that peer's own gradient, so order it explicitly.

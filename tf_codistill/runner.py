@@ -268,17 +268,16 @@ def _test_data(config: TrainConfig, spec, rt: runtime_mod.Runtime, split: str | 
 
 
 def _optimizer(config: TrainConfig, lr):
-    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, **clip)
+        return keras.optimizers.SGD(lr, momentum=0.9)
     if config.optimizer == "lamb":
-        return keras.optimizers.Lamb(lr, **clip)
+        return keras.optimizers.Lamb(lr)
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay, beta_2=0.99, **clip)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay, beta_2=0.99)
         # Kernels and embeddings decay; biases, LayerNorm scales and offsets do not.
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         return optimizer
-    return keras.optimizers.Adam(lr, **clip)
+    return keras.optimizers.Adam(lr)
 
 
 def default_model_fn(config: TrainConfig):
@@ -329,6 +328,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
             exchange=exchange,
             weight_decay=wd,
             num_classes=spec.num_classes,
+            clip_norm=config.clip_norm or None,  # per member: each as if trained alone
             name=plan.arm,
         )
         model.compile(
