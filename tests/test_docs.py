@@ -328,6 +328,11 @@ def test_the_data_mode_the_runtime_gives_is_as_documented():
     assert runtime.init(1, "predictions").data_mode == "shared"
 
 
+def test_the_readme_stays_short():
+    """References live in docs/; the README is the door."""
+    assert len(README.read_text().splitlines()) < 300
+
+
 # --------------------------------------------------------------------- links, paths, names
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading."""
