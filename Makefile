@@ -109,7 +109,7 @@ help:
 	@echo "make study  - every study in experiments/ (5 seeds, converged lengths, ~1.5-2.3 h on 2 cores) -> docs/results/REPORT.md"
 	@echo "make study-large - the large-batch study (experiments/large) -> docs/results/large/REPORT.md"
 	@echo "make study-shakespeare - the Transformer study on tiny_shakespeare (experiments/shakespeare) -> docs/results/shakespeare/REPORT.md"
-	@echo "make study-report - rebuild every REPORT.md and plot from the committed CSVs (no training)"
+	@echo "make study-report - rebuild every REPORT.md and plot from the committed CSVs, large batch included (no training)"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
 	@echo "make pythons - the Python interpreters found, and the one a new $(VENV) gets"
@@ -170,6 +170,7 @@ study-shakespeare: $(STAMP)
 
 study-report: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments --out=docs/results --report_only
+	$(PY) -m tf_codistill.study --config=experiments/large --out=docs/results/large --report_only
 
 bazel-test: $(STAMP) horovod
 	tools/bazel_test.sh

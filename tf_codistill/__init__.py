@@ -5,14 +5,15 @@ Several models ("groups") train side by side; each adds
 group the same code is the synchronous baseline.
 
 Names are imported on first use, so that `python -m tf_codistill.launch`
-starts without loading TensorFlow. When Keras is already imported, the
-modules that register classes with Keras serialisation (the model, distances,
-schedules) are imported at once, so that `keras.models.load_model` finds them:
-`import keras` (or tensorflow) before `import tf_codistill`, or touch any name
-(`tf_codistill.CodistillModel`) before loading.
+and `train.py --help` start without loading TensorFlow. The classes Keras
+deserialises by their registered names (the model, distances, schedules) are
+registered as soon as Keras is loaded, whichever comes first: `import keras`
+(or tensorflow) before `import tf_codistill`, or after it. So
+`import tf_codistill` is all `keras.models.load_model` needs.
 """
 
 import importlib
+import importlib.abc
 import sys
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ _SUBMODULES = ("callbacks", "exchange", "losses", "schedules")
 
 # Modules whose classes Keras deserialises by their registered names.
 _REGISTERING = ("tf_codistill.model", "tf_codistill.losses", "tf_codistill.schedules")
+# Loading either of these loads Keras (TensorFlow imports it while it loads).
+_KERAS = ("keras", "tensorflow")
 
 
 def _register_keras_objects() -> None:
@@ -60,8 +63,76 @@ def _register_keras_objects() -> None:
         importlib.import_module(module)
 
 
-if "keras" in sys.modules or "tensorflow" in sys.modules:
+def _initializing(name: str) -> bool:
+    """Whether module `name` is imported and its code still running."""
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """Registers the Keras classes once Keras has loaded after this package.
+
+    Python has no post-import hook, so this finder wraps the loader of Keras,
+    TensorFlow and this package's modules: after each finishes, if Keras is
+    loaded and none of them is still running (TensorFlow imports Keras while
+    it loads; `tf_codistill.losses` imports Keras at its top, and the model
+    imports `losses`), it imports the registering modules and removes itself.
+    """
+
+    def __init__(self):
+        self._finding = False
+
+    def _watched(self, name: str) -> bool:
+        return name in _KERAS or name.startswith("tf_codistill.")
+
+    def find_spec(self, name, path=None, target=None):
+        if self._finding or not self._watched(name):
+            return None
+        self._finding = True
+        try:
+            spec = next(
+                (
+                    found
+                    for finder in sys.meta_path
+                    if finder is not self
+                    and hasattr(finder, "find_spec")
+                    and (found := finder.find_spec(name, path, target)) is not None
+                ),
+                None,
+            )
+        finally:
+            self._finding = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self._after(name)
+
+        loader.exec_module = exec_module  # this module's own loader object only
+        return spec
+
+    def _after(self, finished: str) -> None:
+        if not any(name in sys.modules for name in _KERAS):
+            return
+        running = [
+            name
+            for name in list(sys.modules)
+            if name != finished and self._watched(name) and _initializing(name)
+        ]
+        if running or _initializing("tf_codistill"):
+            return  # the last of them to finish registers
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        _register_keras_objects()
+
+
+if any(name in sys.modules for name in _KERAS):
     _register_keras_objects()
+elif not any(isinstance(finder, _RegisterWhenKerasLoads) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenKerasLoads())
 
 
 def __getattr__(name):
