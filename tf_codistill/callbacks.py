@@ -167,3 +167,56 @@ def training_callbacks(model, callbacks: Sequence[keras.callbacks.Callback] | No
     if model.codistilling:
         needed.append(PeerHealthCheck())
     return [c for c in needed if not any(_same_kind(c, g) for g in given)]
+
+
+class TrainingHooksMixin:
+    """Runs `training_callbacks` wherever a Keras model trains: `fit` adds
+    the ones the caller lacks, `train_on_batch` runs them around each call
+    (`CodistillModel` takes this mixin; `CodistillLoop` runs `training_hooks()`)."""
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, plus the callbacks of `training_callbacks`
+        that `callbacks` lacks (the stale-weights refresh, the peer-health
+        check); one the caller passed is never added a second time."""
+        self._end_batch_hooks()
+        callbacks = list(callbacks or [])
+        callbacks += training_callbacks(self, callbacks)
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        """`keras.Model.train_on_batch`, running `training_callbacks` around
+        the step as `fit` does: the first call starts them (e.g. takes the
+        first stale peer copies, so the distillation term is on from the
+        first step), every call runs their batch hooks (refreshing every
+        `every` steps), and a `PeerFailureError` stops it as it stops `fit`.
+        A later `fit` (or `finish_batch_training()`) ends them, which
+        publishes the final weights of a shared-directory exchange."""
+        if self._batch_hooks is None:
+            hooks = training_callbacks(self)
+            for hook in hooks:
+                hook.set_model(self)
+                hook.on_train_begin()
+            self._batch_hooks = hooks
+        step = int(keras.ops.convert_to_numpy(self.optimizer.iterations)) if self.optimizer is not None else 0
+        for hook in self._batch_hooks:
+            hook.on_train_batch_begin(step)
+        logs = super().train_on_batch(*args, **kwargs)
+        for hook in self._batch_hooks:
+            hook.on_train_batch_end(step, logs if isinstance(logs, dict) else None)
+        return logs
+
+    def finish_batch_training(self) -> None:
+        """Ends the callbacks `train_on_batch` started (their `on_train_end`:
+        final publish, transport closed). Calling it again does nothing."""
+        self._end_batch_hooks()
+
+    def _end_batch_hooks(self) -> None:
+        hooks, self._batch_hooks = self._batch_hooks, None
+        for hook in hooks or []:
+            hook.on_train_end()
+
+    def training_hooks(self) -> list:
+        """New instances of the callbacks every training loop must run:
+        `tf_codistill.callbacks.training_callbacks(self)` (`fit` and
+        `train_on_batch` add them themselves; `CodistillLoop` runs them)."""
+        return training_callbacks(self)

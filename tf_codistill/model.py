@@ -12,8 +12,7 @@ through the same train step.
 
 from __future__ import annotations
 
-import copy
-import re
+import threading
 from collections.abc import Callable, Sequence
 
 import keras
@@ -21,10 +20,13 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_codistill.callbacks import PeerFailureError, training_callbacks
+from tf_codistill import keras_compat, model_inputs, positions, task
+from tf_codistill.callbacks import PeerFailureError, TrainingHooksMixin
 from tf_codistill.checks import check_int, check_number, is_int, is_number
 from tf_codistill.exchange import Exchange, LocalExchange
 from tf_codistill.losses import get_distance
+from tf_codistill.model_metrics import MetricsBook
+from tf_codistill.model_saving import SavingMixin
 from tf_codistill.schedules import AlphaSchedule, Schedule
 
 __all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
@@ -35,201 +37,13 @@ __all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
 #: splits a global batch across replicas; with one member it is "shared".
 DATA_MODES = ("auto", "shared", "independent", "split")
 
-_LOGIT_LOSSES = {
-    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
-    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
-}
-
-# Keras loss functions that expect probabilities unless told otherwise.
-_PROBABILITY_FUNCTIONS = {
-    keras.losses.sparse_categorical_crossentropy: "SparseCategoricalCrossentropy",
-    keras.losses.categorical_crossentropy: "CategoricalCrossentropy",
-    keras.losses.binary_crossentropy: "BinaryCrossentropy",
-    keras.losses.categorical_focal_crossentropy: "CategoricalFocalCrossentropy",
-    keras.losses.binary_focal_crossentropy: "BinaryFocalCrossentropy",
-}
-
 
 def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def _multi_worker(strategy) -> bool:
-    """True under MultiWorkerMirroredStrategy with more than one worker (the
-    same test Keras applies before its cross-worker reductions)."""
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        in_multi_worker_mode and in_multi_worker_mode()
-    )
-
-
-def _local_value(value):
-    if isinstance(value, tf.distribute.DistributedValues):
-        return value.values[0]
-    return value
-
-
-def _weighted_mean(values, sample_weight=None):
-    """Batch mean of per-example values, scaled for the distribution strategy
-    the way Keras scales its own losses (so SUM-reduced gradients average)."""
-    if sample_weight is not None:
-        sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
-        values = values * sample_weight
-    mean = ops.sum(values) / ops.cast(ops.shape(values)[0], values.dtype)
-    replicas = _num_replicas()
-    return mean / replicas if replicas > 1 else mean
-
-
-#: Task losses whose labels are checked against the logits' shape at the first step.
-_LABEL_LOSSES = (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy)
-
-
-def _split_batch(data, n: int) -> list:
-    """Splits every tensor of `data` along the batch axis into n slices, as
-    even as the batch allows (the first batch % n slices one longer)."""
-    if data is None:
-        return [None] * n
-    flat = keras.tree.flatten(data)
-    size = tf.shape(flat[0])[0]
-    base, extra = size // n, size % n
-    sizes = tf.stack([base + tf.cast(i < extra, size.dtype) for i in range(n)])
-    parts = [tf.split(t, sizes, num=n, axis=0) for t in flat]
-    return [keras.tree.pack_sequence_as(data, [p[i] for p in parts]) for i in range(n)]
-
-
-def _rows(x):
-    """[batch, ..., classes] as [positions, classes] (classifier logits unchanged)."""
-    return x if len(x.shape) == 2 else tf.reshape(x, [-1, tf.shape(x)[-1]])
-
-
-def _keras_mask(x):
-    return keras.src.backend.get_keras_mask(x)
-
-
-def _with_mask(x, mask):
-    """`x` carrying a Keras mask (Keras losses and metrics read it from
-    `y_pred`): the float32 cast and the ensemble drop the member's mask."""
-    if mask is not None:
-        keras.src.backend.set_keras_mask(x, mask)
-    return x
-
-
-def _position_weights(values, sample_weight, mask):
-    """Weights of the per-position `values` ([batch, ...]) from per-example or
-    per-position sample weights and a Keras mask; None when all are 1."""
-    weights = None
-    if sample_weight is not None:
-        weights = ops.cast(sample_weight, values.dtype)
-        while len(weights.shape) < len(values.shape):
-            weights = ops.expand_dims(weights, -1)
-        weights = ops.broadcast_to(weights, ops.shape(values))
-    if mask is not None:
-        m = ops.cast(mask, values.dtype)
-        weights = m if weights is None else weights * m
-    return weights
-
-
-def _position_mean(values, weights=None, mask=None):
-    """Mean over the valid positions of `values` ([batch, ...]), weighted:
-    sum(values * weights) / number of valid positions (Keras's
-    "sum_over_batch_size" with a mask)."""
-    if weights is None and mask is None:
-        return ops.mean(values)
-    if weights is not None:
-        values = values * weights
-    if mask is None:
-        return ops.sum(values) / ops.cast(ops.size(values), values.dtype)
-    return ops.divide_no_nan(ops.sum(values), ops.sum(ops.cast(mask, values.dtype)))
-
-
-def _agreement(a, b, mask=None):
-    """Fraction of (valid) positions where the two logits' argmax agree."""
-    same = ops.cast(ops.argmax(a, -1) == ops.argmax(b, -1), "float32")
-    return _position_mean(same, mask=mask)
-
-
-class _FunctionLoss(keras.losses.Loss):
-    """A function `(y_true, y_pred) -> per-example loss` as a `keras.losses.Loss`
-    (sample weights and the batch mean are applied by `Loss.__call__`)."""
-
-    def __init__(self, fn, name=None):
-        # Keras opens a name scope with the loss's name: "<lambda>" or "_private" is not a valid one.
-        name = (name or getattr(fn, "__name__", "")).lstrip("_")
-        super().__init__(name=name if re.fullmatch(r"[A-Za-z0-9.][\w.>/-]*", name) else "loss")
-        self.fn = fn
-
-    def call(self, y_true, y_pred):
-        return self.fn(y_true, y_pred)
-
-
-def _resolve_loss(loss) -> keras.losses.Loss:
-    """The task loss as a `keras.losses.Loss` on logits.
-
-    Raises:
-        ValueError: a loss that expects probabilities (`from_logits=False`).
-    """
-    if loss is None:
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if isinstance(loss, str) and loss in _LOGIT_LOSSES:
-        return _LOGIT_LOSSES[loss](from_logits=True)
-    resolved = keras.losses.get(loss)
-    if resolved is None or not (isinstance(resolved, keras.losses.Loss) or callable(resolved)):
-        raise ValueError(
-            f"compile(loss={loss!r}): not a loss. Pass a keras.losses.Loss, the name of one, or a "
-            "function (y_true, logits) -> per-example loss."
-        )
-    if isinstance(resolved, keras.losses.Loss):
-        if getattr(resolved, "get_config", None) and resolved.get_config().get("from_logits") is False:
-            raise ValueError(
-                f"compile(loss={type(resolved).__name__}(from_logits=False)): CodistillModel's members "
-                "return logits, so this loss would read them as probabilities. Pass "
-                f"keras.losses.{type(resolved).__name__}(from_logits=True)."
-            )
-        return resolved
-    if resolved in _PROBABILITY_FUNCTIONS:
-        name = _PROBABILITY_FUNCTIONS[resolved]
-        raise ValueError(
-            f"compile(loss={loss!r}): keras.losses.{resolved.__name__} expects probabilities by default "
-            f"but CodistillModel's members return logits. Pass keras.losses.{name}(from_logits=True)."
-        )
-    return _FunctionLoss(resolved)
-
-
-def _softmax_output(member: keras.Model) -> bool:
-    """True when the member's output layer is a softmax (probabilities, not logits)."""
-    layers = getattr(member, "layers", None)
-    if not layers:
-        return False
-    last = layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    activation = getattr(last, "activation", None)
-    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
-
-
-def _float32(x):
-    """Logits as float32: under a mixed precision policy members emit
-    float16/bfloat16, and every loss here is computed in float32."""
-    return ops.cast(x, "float32") if x is not None else None
-
-
-def _metric_factory(spec, sparse: bool) -> Callable[[str | None], keras.metrics.Metric]:
-    """Returns make(prefix) that builds a fresh copy of one metric spec."""
-    if isinstance(spec, str) and spec in ("accuracy", "acc"):
-        cls = keras.metrics.SparseCategoricalAccuracy if sparse else keras.metrics.CategoricalAccuracy
-        return lambda prefix: cls(name=f"{prefix}accuracy")
-    if isinstance(spec, keras.metrics.Metric):
-        config = spec.get_config()
-        return lambda prefix: type(spec).from_config({**config, "name": prefix + config["name"]})
-    resolved = keras.metrics.get(spec)
-    if isinstance(resolved, keras.metrics.Metric):
-        return _metric_factory(resolved, sparse)
-    name = spec if isinstance(spec, str) else getattr(resolved, "__name__", "metric")
-    return lambda prefix: keras.metrics.MeanMetricWrapper(resolved, name=prefix + name)
-
-
 @keras.saving.register_keras_serializable(package="tf_codistill")
-class CodistillModel(keras.Model):
+class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
     """Trains several member models with codistillation (or one, synchronously).
 
     Use it like any Keras model::
@@ -356,6 +170,11 @@ class CodistillModel(keras.Model):
         if clip_norm is not None and not (is_number(clip_norm) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
+        # The terms `compute_loss` computed in the step being traced, for
+        # `compute_metrics`: per thread, as MirroredStrategy traces each
+        # replica's step in a thread of its own (a plain object: Keras does
+        # not track it).
+        self._step = threading.local()
         self.members = members
         self.distance = get_distance(distance, temperature)
         self.temperature = temperature
@@ -376,106 +195,10 @@ class CodistillModel(keras.Model):
             aggregation="only_first_replica",
             name="bad_peer_steps",
         )
-        self._check_output_shapes()
+        model_inputs.check_output_shapes(members)
         self._batch_hooks = None  # the callbacks train_on_batch runs (started at its first call)
         if all(m.built for m in members):
             self.built = True
-
-    # ---------------------------------------------------------------- saving
-    def get_config(self) -> dict:
-        """Everything but the weights and the exchange (see the class docstring)."""
-        serialize = keras.saving.serialize_keras_object
-        wd = self.weight_decay
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": serialize(self.dtype_policy),
-            "members": [serialize(m) for m in self.members],
-            "distance": serialize(self.distance),
-            "temperature": self.temperature,
-            "alpha": serialize(self.alpha_schedule),
-            "data_mode": self._data_mode_arg,
-            "weight_decay": wd if isinstance(wd, float) else serialize(wd),
-            "num_classes": self.num_classes,
-            "max_bad_peer_steps": self.max_bad_peer_steps,
-            **({"clip_norm": self.clip_norm} if self.clip_norm is not None else {}),
-        }
-
-    @classmethod
-    def from_config(cls, config: dict, custom_objects=None) -> CodistillModel:
-        """Rebuilds the model with `LocalExchange` (see the class docstring)."""
-        config = copy.deepcopy(config)  # Keras's deserialisation consumes the dicts it reads
-
-        def deserialize(value):
-            return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
-
-        config["members"] = [deserialize(m) for m in config["members"]]
-        for key in ("distance", "alpha"):
-            config[key] = deserialize(config[key])
-        if isinstance(config["weight_decay"], dict):
-            config["weight_decay"] = deserialize(config["weight_decay"])
-        if isinstance(config.get("dtype"), dict):
-            config["dtype"] = deserialize(config["dtype"])
-        return cls(**config)
-
-    def get_compile_config(self) -> dict:
-        """What `compile` was given, for `keras.models.load_model`."""
-        if not self.compiled or not hasattr(self, "_codistill_compile_args"):
-            return {}
-        return {k: keras.saving.serialize_keras_object(v) for k, v in self._codistill_compile_args.items()}
-
-    def compile_from_config(self, config: dict) -> None:
-        """Compiles as saved and builds the optimizer, so that its saved
-        state (step count, momentum, ...) can be loaded into it."""
-        config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def load_weights(self, filepath, *args, **kwargs):
-        """`keras.Model.load_weights`; a compiled model's optimizer is built
-        first, so that the saved optimizer state (step count, momentum) is
-        loaded too instead of skipped. This is how a model saved with a
-        multi-process exchange is restored with that exchange bound again."""
-        if self.compiled and self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-        return super().load_weights(filepath, *args, **kwargs)
-
-    def load_own_variables(self, store) -> None:
-        # A model saved by one group of a multi-process job counts bad steps
-        # for all its groups; loaded with the local exchange it has fewer.
-        # The counter is the exchange's business: it restarts at 0 then.
-        if "0" in store and tuple(store["0"].shape) != tuple(self.bad_peer_steps.shape):
-            return
-        super().load_own_variables(store)
-
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
-        """`keras.Model.export`: an inference artifact whose default
-        endpoint (`serve`) returns the logits `call` returns (the ensemble's
-        with several local members). `input_signature` defaults to the
-        members' inputs; `export_member` exports one member."""
-        if input_signature is None:
-            input_signature = self._input_signature()
-        return super().export(
-            filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
-        )
-
-    def _input_signature(self) -> list:
-        member = self.members[0]
-        try:
-            inputs = member.input
-        except (AttributeError, ValueError):
-            inputs = None
-        if inputs is None:
-            raise ValueError(
-                "export(): the members have no symbolic inputs (subclassed models); pass "
-                "input_signature=[keras.InputSpec(shape=(None, ...), dtype=...)]."
-            )
-        return [
-            keras.tree.map_structure(
-                lambda t: keras.InputSpec(shape=(None, *t.shape[1:]), dtype=t.dtype), inputs
-            )
-        ]
 
     # ----------------------------------------------------------------- setup
     @property
@@ -486,27 +209,6 @@ class CodistillModel(keras.Model):
     def codistilling(self) -> bool:
         """True when there is at least one peer (more than one group)."""
         return self.num_groups > 1
-
-    def _check_output_shapes(self) -> None:
-        shapes = []
-        for m in self.members:
-            try:
-                shapes.append(tuple(m.outputs[0].shape[1:]) if m.outputs else None)
-            except (AttributeError, ValueError):
-                shapes.append(None)
-        known = {s for s in shapes if s is not None}
-        if len(known) > 1:
-            listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
-            raise ValueError(
-                "All members must produce logits of the same shape; got "
-                f"{listing}. Build every member for the same number of classes."
-            )
-        for i, s in enumerate(shapes):
-            if s is not None and len(s) < 1:
-                raise ValueError(
-                    f"Member {i} outputs shape {s} per example; CodistillModel needs logits of shape "
-                    "[batch, classes] or [batch, ..., classes] (e.g. [batch, time, vocabulary])."
-                )
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
         """Like `keras.Model.compile`.
@@ -530,30 +232,18 @@ class CodistillModel(keras.Model):
                 or a member whose output layer is a softmax.
         """
         for i, member in enumerate(self.members):
-            if _softmax_output(member):
+            if task.softmax_output(member):
                 raise ValueError(
                     f"member {i} ({member.name}) ends in a softmax; CodistillModel needs logits (the "
                     "distance and the task loss take logits). Remove the softmax from its last layer "
                     "(e.g. Dense(classes) instead of Dense(classes, activation='softmax'))."
                 )
-        self.task_loss = _resolve_loss(loss)
+        self.task_loss = task.resolve_loss(loss)
         optimizer = keras.optimizers.get(optimizer)
         self._codistill_compile_args = {"optimizer": optimizer, "loss": loss, "metrics": metrics, **kwargs}
         sparse = not isinstance(self.task_loss, keras.losses.CategoricalCrossentropy)
-        factories = [_metric_factory(spec, sparse) for spec in (metrics or [])]
-        n = self.num_local_members
-        many = n > 1
-        self._trackers = {"task_loss": keras.metrics.Mean(name="task_loss")}
-        if self.codistilling:
-            self._trackers["distill_loss"] = keras.metrics.Mean(name="distill_loss")
-            self._trackers["agreement"] = keras.metrics.Mean(name="agreement")
-        self._member_task = [keras.metrics.Mean(name=f"g{i}_task_loss") for i in range(n)] if many else []
-        self._member_eval_loss = [keras.metrics.Mean(name=f"g{i}_loss") for i in range(n)] if many else []
-        self._pooled_metrics = [make("") for make in factories]
-        self._member_metrics = [[make(f"g{i}_") for make in factories] for i in range(n)] if many else []
-        ensemble = many or (self.codistilling and self.exchange.gathers_eval_logits)
-        self._ensemble_loss = keras.metrics.Mean(name="ensemble_loss") if ensemble else None
-        self._ensemble_metrics = [make("ensemble_") for make in factories] if ensemble else []
+        ensemble = self.num_local_members > 1 or (self.codistilling and self.exchange.gathers_eval_logits)
+        self._book = MetricsBook(metrics, sparse, self.num_local_members, self.codistilling, ensemble)
         kwargs.setdefault("jit_compile", False)
         self._codistill_compile_args["jit_compile"] = kwargs["jit_compile"]
         if kwargs["jit_compile"] is True and not self.exchange.allows_xla:
@@ -565,76 +255,28 @@ class CodistillModel(keras.Model):
 
     @property
     def metrics(self):
-        if not self.compiled:
-            return []
-        ms = [self._loss_tracker, *self._trackers.values(), *self._member_task, *self._member_eval_loss]
-        ms += self._pooled_metrics
-        for per_member in self._member_metrics:
-            ms += per_member
-        if self._ensemble_loss is not None:
-            ms += [self._ensemble_loss, *self._ensemble_metrics]
-        return ms
+        return [self._loss_tracker, *self._book.metrics] if self.compiled else []
 
-    # ------------------------------------------- Keras 3 multi-worker fixes
-    # Keras 3.12-3.15 `fit`/`evaluate` fail under MultiWorkerMirroredStrategy
-    # with more than one worker (tensorflow#72388, keras#20585):
-    #  1. `_maybe_symbolic_build` calls `strategy.reduce("MEAN", batch)` on the
-    #     whole (x, y) structure of PerReplica values, which MWMS rejects.
-    #     The build only needs shapes, so it is given this worker's batch, or
-    #     none at all when the members are built.
-    #  2. Step logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
-    #     which fails on scalars. Under multi-worker MWMS the steps return
-    #     shape-[1] logs, which that reduction averages to a scalar.
-    # Both overrides only act in that case, so the pinned Keras range
-    # (keras>=3.12,<3.16) keeps its behaviour everywhere else.
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if strategy is None:
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        built = all(layer.built for layer in self._flatten_layers())
-        if built:
-            # Only the optimizer is left to build, which needs no data: do not
-            # draw a batch (the restarted iterator would reshuffle, so the run
-            # would not see the data order a single process sees).
-            data_batch, iterator = None, None
-        elif not _multi_worker(strategy):
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        elif iterator is not None:
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(_local_value, next(it))
-                break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    @staticmethod
-    def _for_reduction(logs: dict) -> dict:
-        if _multi_worker(tf.distribute.get_strategy()):
-            return {k: ops.reshape(v, (1,)) for k, v in logs.items()}
-        return logs
+        # Keras 3.12-3.15 under multi-worker MWMS: see tf_codistill/keras_compat.py.
+        parent = super()._maybe_symbolic_build
+        return keras_compat.symbolic_build(self, parent, iterator=iterator, data_batch=data_batch)
 
     # --------------------------------------------------------------- forward
     def call(self, inputs, training=False):
         """Logits of the single member, or of the ensemble (log of the mean
         softmax) when this process holds several members."""
         if self.num_local_members == 1:
-            return _float32(self.members[0](inputs, training=training))
+            return task.float32(self.members[0](inputs, training=training))
         raw = [m(inputs, training=training) for m in self.members]
-        return _with_mask(self._ensemble_logits([_float32(r) for r in raw]), _keras_mask(raw[0]))
-
-    def predict_members(self, inputs):
-        """List of every local member's logits on `inputs` (inference mode)."""
-        return [m(inputs, training=False) for m in self.members]
+        return keras_compat.with_mask(
+            self._ensemble_logits([task.float32(r) for r in raw]), keras_compat.get_mask(raw[0])
+        )
 
     @staticmethod
     def _ensemble_logits(logits):
         probs = ops.mean(ops.stack([ops.softmax(z, axis=-1) for z in logits]), axis=0)
         return ops.log(ops.maximum(probs, 1e-12))
-
-    def export_member(self, index: int, path: str) -> None:
-        """Saves member `index` as a standalone `.keras` model."""
-        if not 0 <= index < self.num_local_members:
-            raise ValueError(f"member index must be in [0, {self.num_local_members}), got {index}.")
-        self.members[index].save(path)
 
     def member_scores(self, logs: dict, name: str = "accuracy") -> list[float]:
         """Metric `name` of every local member, in order, from the dict that
@@ -644,102 +286,7 @@ class CodistillModel(keras.Model):
             return [float(logs[name])]
         return [float(logs[f"g{i}_{name}"]) for i in range(self.num_local_members)]
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        """`keras.Model.fit`, plus the callbacks of `training_callbacks`
-        that `callbacks` lacks (the stale-weights refresh, the peer-health
-        check); one the caller passed is never added a second time."""
-        self._end_batch_hooks()
-        callbacks = list(callbacks or [])
-        callbacks += training_callbacks(self, callbacks)
-        return super().fit(*args, callbacks=callbacks, **kwargs)
-
-    def train_on_batch(self, *args, **kwargs):
-        """`keras.Model.train_on_batch`, running `training_callbacks` around
-        the step as `fit` does: the first call starts them (e.g. takes the
-        first stale peer copies, so the distillation term is on from the
-        first step), every call runs their batch hooks (refreshing every
-        `every` steps), and a `PeerFailureError` stops it as it stops `fit`.
-        A later `fit` (or `finish_batch_training()`) ends them, which
-        publishes the final weights of a shared-directory exchange."""
-        if self._batch_hooks is None:
-            hooks = training_callbacks(self)
-            for hook in hooks:
-                hook.set_model(self)
-                hook.on_train_begin()
-            self._batch_hooks = hooks
-        step = int(ops.convert_to_numpy(self.optimizer.iterations)) if self.optimizer is not None else 0
-        for hook in self._batch_hooks:
-            hook.on_train_batch_begin(step)
-        logs = super().train_on_batch(*args, **kwargs)
-        for hook in self._batch_hooks:
-            hook.on_train_batch_end(step, logs if isinstance(logs, dict) else None)
-        return logs
-
-    def finish_batch_training(self) -> None:
-        """Ends the callbacks `train_on_batch` started (their `on_train_end`:
-        final publish, transport closed). Calling it again does nothing."""
-        self._end_batch_hooks()
-
-    def _end_batch_hooks(self) -> None:
-        hooks, self._batch_hooks = self._batch_hooks, None
-        for hook in hooks or []:
-            hook.on_train_end()
-
     # ------------------------------------------------------------ train step
-    def _split(self, x, y, sample_weight):
-        n = self.num_local_members
-        nested = isinstance(x, (tuple, list)) and len(x) == n and isinstance(y, (tuple, list))
-        if self.data_mode == "shared" or n == 1 and not nested:
-            return [x] * n, [y] * n, [sample_weight] * n
-        if nested:
-            sws = list(sample_weight) if isinstance(sample_weight, (tuple, list)) else [sample_weight] * n
-            return list(x), list(y), sws
-        if self._split_plain:
-            return _split_batch(x, n), _split_batch(y, n), _split_batch(sample_weight, n)
-        raise ValueError(
-            f"data_mode='independent' expects every element of the training data to be "
-            f"((x_0, ..., x_{n - 1}), (y_0, ..., y_{n - 1})), one batch per member; got x of "
-            f"type {type(x).__name__}. Build the dataset with "
-            "tf_codistill.data.independent_batches(...), pass data_mode='auto' (the default) to split "
-            "each (x, y) batch across the members, or data_mode='shared' to give every member the "
-            "whole batch."
-        )
-
-    def _check_fit(self, ys, logits) -> None:
-        """One clear line when the members' outputs disagree in shape or the
-        labels do not fit the logits (checked on static shapes, at trace)."""
-        shapes = [tuple(z.shape[1:]) for z in logits]
-        if len(set(shapes)) > 1:
-            listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
-            raise ValueError(f"All members must produce logits of the same shape; got {listing}.")
-        z, y = logits[0], ys[0]
-        if not isinstance(self.task_loss, _LABEL_LOSSES) or y is None or y.shape.rank is None:
-            return
-        z_shape = tuple(z.shape)
-        y_shape = tuple(y.shape)
-        sparse = isinstance(self.task_loss, keras.losses.SparseCategoricalCrossentropy)
-        want = z_shape[:-1] if sparse else z_shape
-        got = y_shape[:-1] if sparse and len(y_shape) == len(z_shape) and y_shape[-1] == 1 else y_shape
-        fits = len(got) == len(want) and all(a is None or b is None or a == b for a, b in zip(got, want))
-        if not fits:
-            kind = "integer labels of shape" if sparse else "one-hot labels of shape"
-            raise ValueError(
-                f"labels of shape {y_shape} do not fit logits of shape {z_shape}: "
-                f"{type(self.task_loss).__name__} needs {kind} {want} (batch first)."
-            )
-
-    def _check_labels(self, y):
-        if self.num_classes is None or y.dtype.is_floating:
-            return []
-        return [
-            tf.debugging.assert_non_negative(y, message="labels must be >= 0"),
-            tf.debugging.assert_less(
-                y,
-                tf.cast(self.num_classes, y.dtype),
-                message=f"labels out of range: every label must be in [0, {self.num_classes})",
-            ),
-        ]
-
     def _decayed_variables(self):
         return [v for m in self.members for v in m.trainable_variables if len(v.shape) >= 2]
 
@@ -751,7 +298,7 @@ class CodistillModel(keras.Model):
         teachers, usable = [], []
         bad = [0.0] * self.num_groups
         for peers in peer_maps:
-            values = [ops.stop_gradient(_float32(v)) for v in peers.values()]
+            values = [ops.stop_gradient(task.float32(v)) for v in peers.values()]
             finite = [ops.all(ops.isfinite(v)) for v in values]
             safe = [ops.where(ops.isfinite(v), v, ops.zeros_like(v)) for v in values]
             teachers.append(safe[0] if len(safe) == 1 else ops.mean(ops.stack(safe), axis=0))
@@ -761,12 +308,6 @@ class CodistillModel(keras.Model):
         self.bad_peer_steps.assign_add(ops.stack([ops.convert_to_tensor(b, "float32") for b in bad]))
         return teachers, usable
 
-    def training_hooks(self) -> list:
-        """New instances of the callbacks every training loop must run:
-        `tf_codistill.callbacks.training_callbacks(self)` (`fit` and
-        `train_on_batch` add them themselves; `CodistillLoop` runs them)."""
-        return training_callbacks(self)
-
     def _distill_term(self, teacher, student, sample_weight, mask=None):
         """D(teacher, student) per position, averaged over the valid positions
         (weighted per example or per position when there are sample weights),
@@ -775,7 +316,9 @@ class CodistillModel(keras.Model):
             value = ops.cast(self.distance.compute_loss(teacher, student), "float32")
         else:
             values = ops.cast(self._per_position(teacher, student), "float32")
-            value = _position_mean(values, _position_weights(values, sample_weight, mask), mask)
+            value = positions.position_mean(
+                values, positions.position_weights(values, sample_weight, mask), mask
+            )
         replicas = _num_replicas()
         return value / replicas if replicas > 1 else value
 
@@ -783,7 +326,7 @@ class CodistillModel(keras.Model):
         """The distance at every position: [batch, ...] from [batch, ..., classes]."""
         if len(student.shape) == 2:
             return self.distance.per_example(teacher, student)
-        flat = self.distance.per_example(_rows(teacher), _rows(student))
+        flat = self.distance.per_example(positions.rows(teacher), positions.rows(student))
         return tf.reshape(flat, tf.shape(student)[:-1])
 
     def _clip_per_member(self, grads, variables, loss_scale):
@@ -813,38 +356,19 @@ class CodistillModel(keras.Model):
         return penalty / replicas if replicas > 1 else penalty
 
     def train_step(self, data):
+        """Keras's step, kept thin: the members' forward passes, `compute_loss`
+        (which reads the peers' logits through the exchange), the update, and
+        `compute_metrics`. What Keras's own step cannot do is ordering every
+        forward pass (peers' included) before any update."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        xs, ys, sws = self._split(x, y, sample_weight)
-        checks = [c for yi in ys for c in self._check_labels(yi)]
-        alpha = self.alpha_schedule(self.optimizer.iterations) if self.codistilling else None
-        if alpha is not None and self.exchange.alpha_scale() is not None:
-            alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
+        xs, ys, sws = model_inputs.split_data(
+            x, y, sample_weight, self.num_local_members, self.data_mode, self._split_plain
+        )
+        checks = [c for yi in ys for c in model_inputs.label_checks(yi, self.num_classes)]
         with tf.control_dependencies(checks), tf.GradientTape() as tape:
-            raw = [m(xi, training=True) for m, xi in zip(self.members, xs)]
-            masks = [_keras_mask(r) for r in raw]
-            logits = [_with_mask(_float32(r), mask) for r, mask in zip(raw, masks)]
-            self._check_fit(ys, logits)
-            if self.codistilling:
-                peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
-                teachers, usable = self._teachers(peer_maps)
-            else:
-                teachers, usable = [None] * len(logits), [None] * len(logits)
-            task_losses, distill_losses, total = [], [], 0.0
-            for i, (zi, ti) in enumerate(zip(logits, teachers)):
-                task = self.task_loss(ys[i], zi, sample_weight=sws[i])
-                task_losses.append(task)
-                total = total + task
-                if ti is not None:
-                    if i == 0:
-                        self.distance.validate_outputs(_rows(ti), _rows(zi))
-                    distill = self._distill_term(ti, zi, sws[i], masks[i])
-                    # A peer that sent NaN/Inf: no distillation term this step.
-                    distill = distill * usable[i]
-                    distill_losses.append(distill)
-                    total = total + alpha * distill
-            penalty = self._weight_penalty()
-            if penalty is not None:
-                total = total + penalty
+            logits = self._forward(xs, training=True)
+            model_inputs.check_fit(self.task_loss, ys, logits)
+            total = self.compute_loss(x=xs, y=ys, y_pred=logits, sample_weight=sws)
             scaled = self.optimizer.scale_loss(total) if self.optimizer is not None else total
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
@@ -855,92 +379,129 @@ class CodistillModel(keras.Model):
         # update writes them: a peer's forward pass on another member's batch
         # is not upstream of that peer's own gradient, so order it explicitly.
         if self.codistilling:
-            reads = [ops.convert_to_tensor(z) for z in logits + teachers if z is not None]
+            reads = [ops.convert_to_tensor(z) for z in logits + self._step.terms["teachers"] if z is not None]
             with tf.control_dependencies(reads):
                 grads = [None if g is None else tf.identity(g) for g in grads]
         self.optimizer.apply_gradients(zip(grads, variables))
+        return keras_compat.for_reduction(self.compute_metrics(xs, ys, logits, sws))
 
-        # Metrics, on unscaled values and averaged over local members.
+    def _forward(self, xs, training: bool) -> list:
+        """Each member's float32 logits on its inputs, its Keras mask kept."""
+        raw = [m(xi, training=training) for m, xi in zip(self.members, xs)]
+        return [keras_compat.with_mask(task.float32(r), keras_compat.get_mask(r)) for r in raw]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The training loss of every local member, summed: its task loss,
+        alpha x D(peers' mean logits, its logits), and the weight penalty,
+        each averaged over the valid positions and scaled for the strategy
+        the way Keras scales its losses. `x`, `y`, `y_pred` and
+        `sample_weight` are per-member lists (`_split`); the terms are kept
+        for `compute_metrics`."""
+        xs, ys, logits, sws = x, y, y_pred, sample_weight
+        masks = [keras_compat.get_mask(z) for z in logits]
+        alpha = None
+        if self.codistilling:
+            alpha = self.alpha_schedule(self.optimizer.iterations)
+            if self.exchange.alpha_scale() is not None:
+                alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
+            peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
+            teachers, usable = self._teachers(peer_maps)
+        else:
+            teachers, usable = [None] * len(logits), [None] * len(logits)
+        task_losses, distill_losses, total = [], [], 0.0
+        for i, (zi, ti) in enumerate(zip(logits, teachers)):
+            term = self.task_loss(ys[i], zi, sample_weight=sws[i])
+            task_losses.append(term)
+            total = total + term
+            if ti is not None:
+                if i == 0:
+                    self.distance.validate_outputs(positions.rows(ti), positions.rows(zi))
+                # A peer that sent NaN/Inf: no distillation term this step.
+                distill = self._distill_term(ti, zi, sws[i], masks[i]) * usable[i]
+                distill_losses.append(distill)
+                total = total + alpha * distill
+        penalty = self._weight_penalty()
+        if penalty is not None:
+            total = total + penalty
+        self._step.terms = {
+            "total": total,
+            "task": task_losses,
+            "distill": distill_losses,
+            "teachers": teachers,
+            "alpha": alpha,
+        }
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The step's logs: loss terms (unscaled, averaged over the local
+        members), agreement with the peers, the pooled and per-member metrics."""
+        ys, logits, sws = y, y_pred, sample_weight
+        terms = self._step.terms
         replicas = _num_replicas()
-        n = float(len(logits))
-        unscale = float(replicas) / n
+        unscale = float(replicas) / float(len(logits))
         batch = ops.shape(logits[0])[0]
-        self._loss_tracker.update_state(total * unscale, sample_weight=batch)
-        self._trackers["task_loss"].update_state(
-            ops.sum(ops.stack(task_losses)) * unscale, sample_weight=batch
+        self._loss_tracker.update_state(terms["total"] * unscale, sample_weight=batch)
+        self._book.trackers["task_loss"].update_state(
+            ops.sum(ops.stack(terms["task"])) * unscale, sample_weight=batch
         )
-        for tracker, task in zip(self._member_task, task_losses):
-            tracker.update_state(task * replicas, sample_weight=batch)
-        if distill_losses:
-            self._trackers["distill_loss"].update_state(
-                ops.sum(ops.stack(distill_losses)) * unscale, sample_weight=batch
+        for tracker, term in zip(self._book.member_task, terms["task"]):
+            tracker.update_state(term * replicas, sample_weight=batch)
+        if terms["distill"]:
+            self._book.trackers["distill_loss"].update_state(
+                ops.sum(ops.stack(terms["distill"])) * unscale, sample_weight=batch
             )
-            agree = [_agreement(z, t, mask) for z, t, mask in zip(logits, teachers, masks)]
-            self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
-        self._update_metrics(ys, logits, sws)
-        logs = self._results(train=True)
-        if alpha is not None:
-            logs["alpha"] = alpha
+            agree = [
+                positions.agreement(z, t, keras_compat.get_mask(z)) for z, t in zip(logits, terms["teachers"])
+            ]
+            self._book.trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+        self._book.update_members(ys, logits, sws)
+        logs = self._book.results(self.metrics, train=True)
+        if terms["alpha"] is not None:
+            logs["alpha"] = terms["alpha"]
             logs["bad_peer_steps"] = ops.sum(self.bad_peer_steps.value)
             logs.update(self.exchange.step_logs())
-        return self._for_reduction(logs)
-
-    def _update_metrics(self, ys, logits, sws):
-        for i, (yi, zi, swi) in enumerate(zip(ys, logits, sws)):
-            for m in self._pooled_metrics:
-                m.update_state(yi, zi, sample_weight=swi)
-            if self._member_metrics:
-                for m in self._member_metrics[i]:
-                    m.update_state(yi, zi, sample_weight=swi)
+        return logs
 
     # ------------------------------------------------------------- test step
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         n = self.num_local_members
-        raw = [m(x, training=False) for m in self.members]
-        mask = _keras_mask(raw[0])
-        logits = [_with_mask(_float32(r), _keras_mask(r)) for r in raw]
+        logits = self._forward([x] * n, training=False)
+        mask = keras_compat.get_mask(logits[0])
         replicas = _num_replicas()
         batch = ops.shape(logits[0])[0]
         losses = [self.task_loss(y, z, sample_weight=sample_weight) * replicas for z in logits]
         self._loss_tracker.update_state(ops.mean(ops.stack(losses)), sample_weight=batch)
-        for tracker, loss in zip(self._member_eval_loss, losses):
+        for tracker, loss in zip(self._book.member_eval_loss, losses):
             tracker.update_state(loss, sample_weight=batch)
-        self._update_metrics([y] * n, logits, [sample_weight] * n)
+        self._book.update_members([y] * n, logits, [sample_weight] * n)
         if n > 1:
-            self._update_ensemble(y, logits, sample_weight, replicas, mask)
-            agree = [_agreement(logits[i], logits[j], mask) for i in range(n) for j in range(i + 1, n)]
-            self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+            self._book.update_ensemble(
+                self.task_loss, y, self._ensemble_logits(logits), sample_weight, replicas, mask
+            )
+            agree = [
+                positions.agreement(logits[i], logits[j], mask) for i in range(n) for j in range(i + 1, n)
+            ]
+            self._book.trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
         elif self.codistilling and self.exchange.gathers_eval_logits:
             everyone = self.exchange.all_logits(logits[0])
             if everyone is not None:
-                groups = self.num_groups
-                self._update_ensemble(y, [everyone[g] for g in range(groups)], sample_weight, replicas, mask)
+                groups = range(self.num_groups)
+                self._book.update_ensemble(
+                    self.task_loss,
+                    y,
+                    self._ensemble_logits([everyone[g] for g in groups]),
+                    sample_weight,
+                    replicas,
+                    mask,
+                )
                 agree = [
-                    _agreement(logits[0], everyone[g], mask)
-                    for g in range(groups)
+                    positions.agreement(logits[0], everyone[g], mask)
+                    for g in groups
                     if g != self.exchange.group
                 ]
-                self._trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
-        return self._for_reduction(self._results(train=False))
-
-    def _update_ensemble(self, y, logits, sample_weight, replicas, mask=None):
-        ens = _with_mask(self._ensemble_logits(logits), mask)
-        ens_loss = self.task_loss(y, ens, sample_weight=sample_weight) * replicas
-        self._ensemble_loss.update_state(ens_loss, sample_weight=ops.shape(ens)[0])
-        for m in self._ensemble_metrics:
-            m.update_state(y, ens, sample_weight=sample_weight)
-
-    def _results(self, train: bool) -> dict:
-        if train:
-            skip = set(self._member_eval_loss)
-            if self._ensemble_loss is not None:
-                skip |= {self._ensemble_loss, *self._ensemble_metrics}
-        else:
-            skip = {self._trackers["task_loss"], *self._member_task}
-            if "distill_loss" in self._trackers:
-                skip.add(self._trackers["distill_loss"])
-        return {m.name: m.result() for m in self.metrics if m not in skip}
+                self._book.trackers["agreement"].update_state(ops.mean(ops.stack(agree)), sample_weight=batch)
+        return keras_compat.for_reduction(self._book.results(self.metrics, train=False))
 
 
 def _build_members(members, num_groups) -> list[keras.Model]:
