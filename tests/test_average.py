@@ -1,0 +1,159 @@
+"""Parameter averaging (local SGD, DiLoCo) in one process: its invariants."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_model import _batch, _clone, _members, _weights
+
+from tf_codistill import CodistillModel
+from tf_codistill.exchange.average import AveragingExchange, outer_sgd
+
+SIZE = 16
+
+
+def _island_batches(steps, islands, size=SIZE):
+    """Island g's batch at step k is `_batch(100 * g + k)`: its own data order."""
+    return [[_batch(100 * g + k, size) for g in range(islands)] for k in range(steps)]
+
+
+def _dataset(batches):
+    islands = len(batches[0])
+    xs = tuple(np.stack([b[g][0] for b in batches]) for g in range(islands))
+    ys = tuple(np.stack([b[g][1] for b in batches]) for g in range(islands))
+    return tf.data.Dataset.from_tensor_slices((xs, ys))
+
+
+def _model(islands, every, inner, outer=None, alpha=None, seed=0):
+    exchange = AveragingExchange(every, outer)
+    model = CodistillModel(
+        _members(islands, seed=seed), alpha=alpha, data_mode="independent", exchange=exchange
+    )
+    model.compile(optimizer=inner)
+    return model
+
+
+def _same(a, b, atol=0.0):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+def test_islands_hold_identical_weights_right_after_each_outer_step():
+    every, steps, islands = 3, 10, 3
+    model = _model(islands, every, keras.optimizers.SGD(0.2, momentum=0.9))
+    seen = []
+
+    def check(batch, logs=None):
+        step = int(model.optimizer.iterations.numpy())
+        weights = [_weights(m) for m in model.members]
+        equal = all(np.array_equal(x, y) for w in weights[1:] for x, y in zip(weights[0], w))
+        seen.append((step, equal))
+
+    model.fit(
+        _dataset(_island_batches(steps, islands)),
+        epochs=1,
+        verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=check)],
+    )
+    # Identical at the start and right after every outer step (steps 3, 6, 9);
+    # apart in between, since each island reads its own batches.
+    assert seen == [(s, s % every == 0) for s in range(steps)]
+    assert model.exchange.outer_steps == 3
+    assert model.alpha_schedule.alpha == 0.0  # pure DiLoCo unless alpha is given
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_averaging_every_step_is_synchronous_sgd_on_the_union_of_batches(momentum):
+    """H = 1, outer SGD with learning rate 1 and no momentum: the islands'
+    mean after one inner step each is one step on the union of their batches
+    (with inner momentum too: the mean of the velocities is the velocity of
+    the mean gradient)."""
+    steps, islands = 6, 3
+    model = _model(islands, 1, keras.optimizers.SGD(0.3, momentum=momentum), outer_sgd(1.0, 0.0))
+    sync = _clone(model.members[0])  # the islands all start from member 0's weights
+    batches = _island_batches(steps, islands)
+    model.fit(_dataset(batches), epochs=1, verbose=0)
+
+    sync.compile(
+        optimizer=keras.optimizers.SGD(0.3, momentum=momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    for step in batches:
+        x = np.concatenate([b[0] for b in step])
+        y = np.concatenate([b[1] for b in step])
+        sync.train_on_batch(x, y)
+    for member in model.members:
+        _same(_weights(member), _weights(sync), atol=2e-6)
+
+
+def _first_outer_step(lr, momentum, islands=2, every=4):
+    """(weights at the start, the islands' mean before the first outer
+    step, island 0's weights after it)."""
+    model = _model(islands, every, keras.optimizers.SGD(0.2), outer_sgd(lr, momentum))
+    seen = {}
+
+    def record(batch, logs=None):
+        seen.setdefault("start", _weights(model.members[0]))
+        if int(model.optimizer.iterations.numpy()) == every and "mean" not in seen:
+            seen["mean"] = [np.mean(ws, axis=0) for ws in zip(*(_weights(m) for m in model.members))]
+
+    # Runs before the exchange's callback: sees the islands before the outer step.
+    hook = keras.callbacks.LambdaCallback(on_train_batch_begin=record, on_train_batch_end=record)
+    model.fit(_dataset(_island_batches(every, islands)), epochs=1, verbose=0, callbacks=[hook])
+    return seen["start"], seen["mean"], _weights(model.members[0])
+
+
+@pytest.mark.parametrize("lr, momentum", [(1.0, 0.0), (0.7, 0.9)])
+def test_plain_averaging_takes_the_islands_mean_and_nesterov_overshoots_it(lr, momentum):
+    start, mean, after = _first_outer_step(lr, momentum)
+    # Keras's Nesterov SGD from zero velocity: w - lr * (1 + momentum) * g,
+    # with g the mean delta start - mean (lr 1, no momentum: the mean itself).
+    expected = [s - lr * (1 + momentum) * (s - m) for s, m in zip(start, mean)]
+    _same(after, expected, atol=2e-6)
+
+
+def test_islands_that_also_codistil_learn_from_the_shared_weights():
+    """alpha > 0: the teacher is the model every island held at the last
+    outer step, so right after one the distillation term is 0."""
+    every, islands = 3, 2
+    model = _model(islands, every, keras.optimizers.SGD(0.2), alpha=0.5)
+    distill = []
+    for step, batch in enumerate(_island_batches(9, islands)):
+        xs, ys = tuple(b[0] for b in batch), tuple(b[1] for b in batch)
+        logs = model.train_on_batch(xs, ys, return_dict=True)
+        distill.append((step, float(logs["distill_loss"])))
+    model.finish_batch_training()
+    for step, value in distill:
+        if step % every == 0:
+            assert value == pytest.approx(0.0, abs=1e-6), distill
+        else:
+            assert value > 1e-6, distill
+
+
+def test_outer_state_round_trips_through_state_dict():
+    model = _model(2, 2, keras.optimizers.SGD(0.2), outer_sgd(0.7, 0.9))
+    model.fit(_dataset(_island_batches(4, 2)), epochs=1, verbose=0)
+    state = model.exchange.state_dict()
+    assert any(np.any(state[k] != 0) for k in state if k.startswith("outer") and k != "outer_steps")
+    other = _model(2, 2, keras.optimizers.SGD(0.2), outer_sgd(0.7, 0.9), seed=5)
+    other.exchange.load_state_dict(state)
+    _same(other.exchange.state_dict().values(), state.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(every=0), ValueError, "every must be >= 1"),
+        (dict(every=2, outer_optimizer="sgd"), TypeError, "outer_optimizer must be a keras"),
+    ],
+)
+def test_bad_arguments_fail_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AveragingExchange(**kwargs)
+
+
+def test_bad_outer_settings_fail_clearly():
+    with pytest.raises(ValueError, match="outer momentum must be in"):
+        outer_sgd(0.7, 1.0)
+    with pytest.raises(ValueError, match="outer learning rate must be"):
+        outer_sgd(0.0, 0.9)
