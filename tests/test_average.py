@@ -1,10 +1,17 @@
-"""Parameter averaging (local SGD, DiLoCo) in one process: its invariants."""
+"""Parameter averaging (local SGD, DiLoCo): its invariants in one process,
+a 2-process Horovod job, and resuming a killed run."""
+
+import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO, horovodrun, python_env, worker_env
 from test_model import _batch, _clone, _members, _weights
+from test_resume import CODISTILL, STEPS, _kill_and_resume
 
 from tf_codistill import CodistillModel
 from tf_codistill.exchange.average import AveragingExchange, outer_sgd
@@ -60,6 +67,8 @@ def test_islands_hold_identical_weights_right_after_each_outer_step():
     assert seen == [(s, s % every == 0) for s in range(steps)]
     assert model.exchange.outer_steps == 3
     assert model.alpha_schedule.alpha == 0.0  # pure DiLoCo unless alpha is given
+    # A ring all-reduce of 1,000 float32 parameters over 3 islands every 3 steps.
+    assert model.exchange.bytes_sent_per_step(SIZE, 5, 1000) == pytest.approx(2 * 2 / 3 * 1000 * 4 / 3)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -157,3 +166,68 @@ def test_bad_outer_settings_fail_clearly():
         outer_sgd(0.7, 1.0)
     with pytest.raises(ValueError, match="outer learning rate must be"):
         outer_sgd(0.0, 0.9)
+
+
+# ------------------------------------------------------------------ train.py and Horovod
+AVERAGE = ["--mode=codistill", "--exchange=average", "--exchange_every=10", "--num_groups=2"]
+
+
+def _steps(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_average_like_one_process(tmp_path, data_dir, mnist1d_spec, horovod_installed):
+    """A 2-process Horovod job (one island per process) follows the
+    one-process run step by step, and its islands end identical (the run
+    ends on an outer step)."""
+    steps = 40
+    common = ["--dataset=mnist1d", "--model=cnn1d", "--batch_size=64", f"--steps={steps}", "--verbose=0"]
+    common += ["--warmup_epochs=0.2", "--collective_timeout=60", f"--data_dir={data_dir}", *AVERAGE]
+    local = subprocess.run(
+        [sys.executable, "train.py", *common, f"--workdir={tmp_path / 'local'}"],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    job = subprocess.run(
+        horovodrun(2, sys.executable, "train.py", *common, f"--workdir={tmp_path / 'hvd'}"),
+        cwd=REPO,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    run = json.loads((tmp_path / "hvd" / "results.json").read_text())["runs"][0]
+    assert run["exchange"] == "average" and run["world_size"] == 2 and run["alpha"] == 0.0
+    assert run["outer_steps"] == steps // 10
+    assert len({r["weights_checksum"] for r in run["ranks"]}) == 1, run["ranks"]
+    # A ring all-reduce of the parameters between 2 islands every 10 steps.
+    assert run["bytes_cross_group_per_step"] == pytest.approx(run["params_per_model"] * 4 / 10)
+    one = _steps(tmp_path / "local" / "codistill" / "steps.jsonl")
+    ranks = [_steps(tmp_path / "hvd" / "codistill" / f"steps.rank{r}.jsonl") for r in (0, 1)]
+    for k in range(steps):
+        for g in (0, 1):
+            assert ranks[g][k]["task_loss"] == pytest.approx(one[k][f"g{g}_task_loss"], abs=1e-5)
+    local_run = json.loads((tmp_path / "local" / "results.json").read_text())["runs"][0]
+    for a, b in zip(local_run["groups"], run["groups"], strict=True):
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-3)
+        assert a["test_loss"] == pytest.approx(local_run["groups"][0]["test_loss"])  # identical islands
+
+
+def test_averaging_islands_that_codistil_resume_exactly(tmp_path, data_dir, mnist1d_spec):
+    """Killed mid-round (H = 25, backups every 62 steps), resumed: the
+    outer momentum, the shared weights and the teacher come back."""
+    extra = [*CODISTILL, "--exchange=average", "--exchange_every=25", "--alpha=0.5"]
+    run = _kill_and_resume(tmp_path, data_dir, 1, extra, "codistill", 0)
+    assert run["exchange"] == "average" and run["outer_steps"] == STEPS // 25
+
+
+def test_averaging_over_horovod_resumes_exactly(tmp_path, data_dir, mnist1d_spec, horovod_installed):
+    extra = [*CODISTILL, "--exchange=average", "--exchange_every=25"]
+    run = _kill_and_resume(tmp_path, data_dir, 2, extra, "codistill", victim=1)
+    assert run["world_size"] == 2 and run["alpha"] == 0.0

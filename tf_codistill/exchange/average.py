@@ -121,6 +121,7 @@ class AveragingExchange(Exchange):
                 "the islands stay identical and averaging does nothing. Use data_mode='independent'."
             )
         self._model = model
+        self._islands = self.num_groups(n)
         alpha = getattr(getattr(model, "alpha_schedule", None), "alpha", 1.0)
         self._distill = alpha > 0
         self._teacher = None
@@ -160,7 +161,7 @@ class AveragingExchange(Exchange):
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         # A ring all-reduce of the parameters (float32) over the islands every H steps.
-        groups = self.num_groups(1)
+        groups = self._islands
         return 2.0 * (groups - 1) / groups * num_params * 4 / self.every
 
     # between steps -----------------------------------------------------------
