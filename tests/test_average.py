@@ -231,3 +231,25 @@ def test_averaging_over_horovod_resumes_exactly(tmp_path, data_dir, mnist1d_spec
     extra = [*CODISTILL, "--exchange=average", "--exchange_every=25"]
     run = _kill_and_resume(tmp_path, data_dir, 2, extra, "codistill", victim=1)
     assert run["world_size"] == 2 and run["alpha"] == 0.0
+
+
+def test_islands_of_two_workers_each_through_the_runtime(tmp_path, horovod_installed):
+    """examples/own_model.py (batch norm and dropout) as 2 islands x 2 MWMS
+    workers: the islands end on an outer step, identical (statistics too)."""
+    cmd = [sys.executable, "-m", "tf_codistill.launch", "--np", "4", "--groups", "2", "--timeout", "200"]
+    cmd += ["--", "examples/own_model.py", "--steps=100", "--exchange=average", "--exchange_every=25"]
+    proc = subprocess.run(
+        [*cmd, f"--workdir={tmp_path}"],
+        cwd=REPO,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert (run["num_groups"], run["world_size"], run["exchange"]) == (2, 4, "average")
+    first, second = (g["test_accuracy"] for g in run["groups"])
+    assert first == second and first > 0.7, run
+    last = [json.loads(open(tmp_path / f"steps.rank{r}.jsonl").readlines()[-1]) for r in range(4)]
+    assert all(step["alpha"] == 0.0 for step in last)

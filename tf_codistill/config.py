@@ -477,7 +477,7 @@ class TrainConfig:
         ):
             warnings.append(
                 f"--burn_in_steps + --alpha_ramp_steps = {self.burn_in_steps + self.alpha_ramp_steps} "
-                f"steps, longer than the run ({total} steps): alpha never reaches {self.alpha:g}."
+                f"steps, longer than the run ({total} steps): alpha never reaches {self.resolved_alpha():g}."
             )
         return warnings
 

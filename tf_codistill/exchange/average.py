@@ -140,11 +140,19 @@ class AveragingExchange(Exchange):
         if self._shared is not None:
             return
         member = self._members()[0]
-        self._shared = [
-            keras.Variable(np.array(v.numpy()), trainable=True, name=f"shared_{i}")
-            for i, v in enumerate(member.trainable_weights)
-        ]
-        self.outer_optimizer.build(self._shared)
+        # Under the strategy the optimizer was made in (the group's, when the
+        # exchange is made under `Runtime.scope()`), which its build requires.
+        # The outer step runs between train steps, in cross-replica context:
+        # each worker updates its own copies, with no collective in its group.
+        strategy = (
+            getattr(self.outer_optimizer, "_distribution_strategy", None) or tf.distribute.get_strategy()
+        )
+        with strategy.scope():
+            self._shared = [
+                keras.Variable(np.array(v.numpy()), trainable=True, name=f"shared_{i}")
+                for i, v in enumerate(member.trainable_weights)
+            ]
+            self.outer_optimizer.build(self._shared)
 
     # the train step ----------------------------------------------------------
     def peer_logits(self, members, inputs, logits, data_mode):
