@@ -273,10 +273,7 @@ class TrainConfig:
         return self._decisions().exchange
 
     def resolved_alpha(self) -> float:
-        """--alpha, or its default: 0 with --exchange=average, else 1."""
-        if self.alpha is not None:
-            return self.alpha
-        return 0.0 if self.exchange == "average" else 1.0
+        return default_alpha(self.exchange) if self.alpha is None else self.alpha
 
     def resolved_data_mode(self) -> str:
         return self._decisions().data_mode
@@ -480,6 +477,11 @@ class TrainConfig:
                 f"steps, longer than the run ({total} steps): alpha never reaches {self.resolved_alpha():g}."
             )
         return warnings
+
+
+def default_alpha(exchange: str) -> float:
+    """--alpha when not given: 0 with --exchange=average (pure DiLoCo), else 1."""
+    return 0.0 if exchange == "average" else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
