@@ -253,3 +253,36 @@ def test_islands_of_two_workers_each_through_the_runtime(tmp_path, horovod_insta
     assert first == second and first > 0.7, run
     last = [json.loads(open(tmp_path / f"steps.rank{r}.jsonl").readlines()[-1]) for r in range(4)]
     assert all(step["alpha"] == 0.0 for step in last)
+
+
+SHAPES_SCRIPT = r"""
+import sys
+from tf_codistill import topology
+topo, _, pair_set = topology.init_horovod(2, timeout_s=30)
+strategy = topology.make_group_strategy(topo)
+from models import build_model
+from tf_codistill import CodistillModel
+from tf_codistill.exchange import AveragingExchange
+member = build_model("mlp", (8,), 10 + topo.group)   # group 1 has 11 classes
+try:
+    CodistillModel([member], exchange=AveragingExchange(5, topology=topo, pair_set=pair_set))
+except ValueError as err:
+    print("ERROR:", err)
+    sys.exit(3)
+"""
+
+
+def test_islands_of_different_models_fail_clearly(tmp_path, horovod_installed):
+    script = tmp_path / "shapes.py"
+    script.write_text(SHAPES_SCRIPT)
+    proc = subprocess.run(
+        horovodrun(2, sys.executable, str(script)),
+        cwd=REPO,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "parameter averaging needs every group to train the same architecture" in proc.stdout
+    assert "group 1: 6 weights" in proc.stdout, proc.stdout[-2000:]

@@ -130,6 +130,28 @@ class AveragingExchange(Exchange):
             self._teacher.trainable = False
         own = [self.group] if self.topology is not None else list(range(n))
         self._peers = [[g for g in range(self.num_groups(n)) if g != o] for o in own]
+        self._check_shapes_match()
+
+    def _check_shapes_match(self) -> None:
+        """Fails at start-up, on every rank, when the islands' models differ
+        (the all-reduce would fail later, less clearly)."""
+        if self.topology is None or self.topology.num_groups == 1:
+            return
+        import horovod.tensorflow as hvd
+
+        shapes = [tuple(v.shape) for v in _state(self._members()[0])]
+        everyone = hvd.allgather_object(
+            (self.group, shapes), name="codistill_average_shapes", process_set=self.pair_set
+        )
+        if len({tuple(s) for _, s in everyone}) > 1:
+            listing = "; ".join(
+                f"group {g}: {len(s)} weights, {sum(int(np.prod(x)) for x in s):,} values"
+                for g, s in sorted(everyone)
+            )
+            raise ValueError(
+                f"parameter averaging needs every group to train the same architecture; got {listing}. "
+                "Build every group's model with the same layers and number of classes."
+            )
 
     def _members(self):
         return self._model.members
