@@ -139,6 +139,24 @@ def test_islands_that_also_codistil_learn_from_the_shared_weights():
             assert value > 1e-6, distill
 
 
+def test_custom_loop_averages_like_fit_and_resumes_from_its_checkpoint(tmp_path):
+    """CodistillLoop runs the outer step as fit does; stopped mid-round
+    (step 4 of H = 3) and resumed by a new loop and model, it ends where one
+    uninterrupted loop ends: the shared weights and outer momentum came back."""
+    from tf_codistill.loop import CodistillLoop
+
+    batches = _island_batches(7, 2)
+    models = [_model(2, 3, keras.optimizers.SGD(0.2, momentum=0.9)) for _ in range(4)]
+    models[0].fit(_dataset(batches), epochs=1, verbose=0)
+    CodistillLoop(models[1]).train(_dataset(batches), steps=7)
+    CodistillLoop(models[2], checkpoint_dir=str(tmp_path)).train(_dataset(batches), steps=4)
+    CodistillLoop(models[3], checkpoint_dir=str(tmp_path)).train(_dataset(batches).skip(4), steps=7)
+    for a, b, c in zip(models[0].members, models[1].members, models[3].members):
+        _same(_weights(a), _weights(b), atol=1e-6)
+        _same(_weights(b), _weights(c))  # bit for bit
+    assert models[1].exchange.outer_steps == models[3].exchange.outer_steps == 2
+
+
 def test_outer_state_round_trips_through_state_dict():
     model = _model(2, 2, keras.optimizers.SGD(0.2), outer_sgd(0.7, 0.9))
     model.fit(_dataset(_island_batches(4, 2)), epochs=1, verbose=0)
