@@ -304,3 +304,20 @@ def test_islands_of_different_models_fail_clearly(tmp_path, horovod_installed):
     assert proc.returncode != 0
     assert "parameter averaging needs every group to train the same architecture" in proc.stdout
     assert "group 1: 6 weights" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_runtime_makes_the_averaging_exchange():
+    from tf_codistill import runtime
+
+    rt = runtime.init(2, "average", exchange_every=5, outer_learning_rate=1.0, outer_momentum=0.0)
+    assert (rt.data_mode, rt.group_seed(0) != rt.group_seed(1)) == ("independent", True)
+    exchange = rt.exchange()
+    assert isinstance(exchange, AveragingExchange) and exchange.every == 5
+    assert float(exchange.outer_optimizer.learning_rate) == 1.0 and not exchange.outer_optimizer.nesterov
+    for kwargs, match in [
+        (dict(exchange_every=0), "exchange_every must be >= 1"),
+        (dict(outer_momentum=1.0), "outer_momentum must be in"),
+        (dict(outer_learning_rate=float("nan")), "outer_learning_rate must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            runtime.init(2, "average", **kwargs)

@@ -127,6 +127,7 @@ BAD_CONFIGS = [
         "--exchange=average needs --exchange_every >= 1",
     ),
     (dict(exchange="average", exchange_dir="/tmp/x"), ValueError, "add --exchange=weights"),
+    (dict(exchange="average", steps_per_execution=4), ValueError, "a multiple of --steps_per_execution"),
     (dict(outer_lr=0.0), ValueError, "--outer_lr must be > 0"),
     (dict(outer_momentum=1.0), ValueError, "--outer_momentum must be in [0, 0.999]"),
 ]

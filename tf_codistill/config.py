@@ -374,8 +374,11 @@ class TrainConfig:
         if plan.exchange == "average" and self.mode != "sync":
             if self.data_mode == "shared":
                 bad("--data_mode=shared: averaged islands reading the same batches stay identical; use auto.")
-            if self.exchange_every < 1:
-                bad("--exchange=average needs --exchange_every >= 1: the steps between outer steps.")
+            if self.exchange_every < 1 or self.exchange_every % self.steps_per_execution:
+                bad(
+                    "--exchange=average needs --exchange_every >= 1, a multiple of --steps_per_execution: "
+                    "the steps between outer steps, which run between compiled calls."
+                )
         if self.tpu is not None:
             if plan.launched:
                 bad("--tpu: a TPU group is one process driving its TPU; start it without a launcher.")

@@ -63,7 +63,7 @@ class Runtime:
     Attributes:
         num_groups: groups (models) in the whole job; 1 is plain synchronous
             training with no exchange.
-        exchange_kind: ``"predictions"`` or ``"weights"``.
+        exchange_kind: ``"predictions"``, ``"weights"`` or ``"average"``.
         data_mode: what `CodistillModel` takes: ``"shared"`` (every local
             member sees the same batch; always so with one local member) or
             ``"independent"`` (each its own).
