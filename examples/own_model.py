@@ -28,7 +28,7 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--steps", type=int, default=300, help="updates per model")
 p.add_argument("--workdir", default="runs/own_model")
 p.add_argument("--exchange", choices=tfc.runtime.EXCHANGES, default="predictions")
-p.add_argument("--exchange_every", type=int, default=25, help="weights: refresh every K steps")
+p.add_argument("--exchange_every", type=int, default=25, help="weights: refresh every K steps; average: H")
 p.add_argument("--num_groups", type=int, default=2, help="1: plain synchronous training")
 p.add_argument("--batch_size", type=int, default=64, help="examples per group per step")
 p.add_argument("--seed", type=int, default=0)
@@ -73,7 +73,7 @@ def build(group):
 
 
 with rt.scope():
-    model = tfc.CodistillModel(rt.members(build), exchange=rt.exchange(), data_mode=rt.data_mode, alpha=1.0)
+    model = tfc.CodistillModel(rt.members(build), exchange=rt.exchange(), data_mode=rt.data_mode)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
 
 # 4. Train with Keras; per-step losses go to a JSON-lines file per process.

@@ -67,7 +67,7 @@ BAD_CONFIGS = [
     # unknown names (absl enums catch these on the command line; Python callers too)
     (dict(mode="all"), ValueError, "--mode must be sync, codistill or both"),
     (dict(data_mode="mixed"), ValueError, "--data_mode must be auto, shared or independent"),
-    (dict(exchange="grpc"), ValueError, "--exchange must be auto, local, horovod or weights"),
+    (dict(exchange="grpc"), ValueError, "--exchange must be auto, local, horovod, weights or average"),
     (dict(on_stale="wait"), ValueError, "--on_stale must be keep or drop"),
     (dict(optimizer="sgdd"), ValueError, "--optimizer must be sgd, adam, adamw or lamb"),
     (dict(lr_schedule="cos"), ValueError, "--lr_schedule must be step, cosine or constant"),
@@ -120,6 +120,16 @@ BAD_CONFIGS = [
     ({**WEIGHTS_DIR, "group": 2}, ValueError, "pass --group in [0, 2)"),
     ({**WEIGHTS_DIR, "group": -1}, ValueError, "pass --group in [0, 2)"),
     ({**WEIGHTS_DIR, "data_mode": "shared"}, ValueError, "every group draws its own data order"),
+    (dict(exchange="average", data_mode="shared"), ValueError, "averaged islands reading the same batches"),
+    (
+        dict(exchange="average", exchange_every=0),
+        ValueError,
+        "--exchange=average needs --exchange_every >= 1",
+    ),
+    (dict(exchange="average", exchange_dir="/tmp/x"), ValueError, "add --exchange=weights"),
+    (dict(exchange="average", steps_per_execution=4), ValueError, "a multiple of --steps_per_execution"),
+    (dict(outer_lr=0.0), ValueError, "--outer_lr must be > 0"),
+    (dict(outer_momentum=1.0), ValueError, "--outer_momentum must be in [0, 0.999]"),
 ]
 
 

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AlphaSchedule": "tf_codistill.schedules",
+    "AveragingExchange": "tf_codistill.exchange",
     "Backup": "tf_codistill.backup",
     "BackupError": "tf_codistill.backup",
     "CodistillLoop": "tf_codistill.loop",
@@ -28,6 +29,7 @@ _EXPORTS = {
     "HorovodExchange": "tf_codistill.exchange",
     "KLDivergence": "tf_codistill.losses",
     "KerasDistillationDistance": "tf_codistill.losses",
+    "ParameterAveraging": "tf_codistill.callbacks",
     "PeerFailureError": "tf_codistill.callbacks",
     "PeerHealthCheck": "tf_codistill.callbacks",
     "StaleWeightsRefresh": "tf_codistill.callbacks",

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 __all__ = [
+    "ParameterAveraging",
     "PeerFailureError",
     "PeerHealthCheck",
     "StaleWeightsRefresh",
@@ -141,6 +142,31 @@ class StaleWeightsRefresh(keras.callbacks.Callback):
         if not exchange.transport.synchronous:
             exchange.transport.finish(exchange._own_snapshots(self._step()))
         exchange.close()
+
+
+class ParameterAveraging(keras.callbacks.Callback):
+    """Runs the averaging exchange's outer step (`AveragingExchange`).
+
+    At the start of training every island takes group 0's weights; after
+    every `exchange.every` updates the islands average their deltas and the
+    outer optimizer moves the shared weights they all continue from.
+
+    Args:
+        exchange: the model's `AveragingExchange`.
+    """
+
+    def __init__(self, exchange):
+        super().__init__()
+        self.exchange = exchange
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        self.exchange.start(self._step())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.exchange.after_step(self._step())
 
 
 def _same_kind(a: keras.callbacks.Callback, b: keras.callbacks.Callback) -> bool:

@@ -121,7 +121,9 @@ class TrainConfig:
         "How groups exchange: local (all groups in this process, predictions every step), horovod "
         "(one process per worker, predictions every step over Horovod), or weights (stale peer "
         "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
-        "--exchange_dir). auto: horovod when launched under Horovod, else local.",
+        "--exchange_dir), or average (no distillation by default: the groups average their parameters "
+        "every --exchange_every steps with an outer Nesterov SGD step, DiLoCo; --outer_lr=1 "
+        "--outer_momentum=0 is local SGD). auto: horovod when launched under Horovod, else local.",
         # local and horovod: the predictions kind in one process / across processes.
         choices=("auto", "local", "horovod", *(kind for kind in KINDS if kind != "predictions")),
     )
@@ -134,7 +136,8 @@ class TrainConfig:
     )
     exchange_every: int = setting(
         50,
-        "Weights exchange: refresh peer copies every K steps (0: never).",
+        "Weights exchange: refresh peer copies every K steps (0: never); average: the steps H between "
+        "outer steps.",
         minimum=0,
         unit="steps",
         note="0: never refresh",
@@ -143,6 +146,12 @@ class TrainConfig:
         None,
         "Weights exchange through this shared directory; this job is group --group.",
         check=_not_empty("give the shared directory, or leave the flag out."),
+    )
+    outer_lr: float = setting(
+        0.7, "--exchange=average: the outer SGD's learning rate (DiLoCo: 0.7).", minimum=0, above_minimum=True
+    )
+    outer_momentum: float = setting(
+        0.9, "--exchange=average: the outer SGD's Nesterov momentum (0: none).", minimum=0, maximum=0.999
     )
     group: int = setting(-1, "With --exchange_dir: which group this job trains, in [0, num_groups).")
     peer_timeout: float = setting(
@@ -254,8 +263,11 @@ class TrainConfig:
     codistill_wd_schedule: str | None = setting(
         None, "Weight-decay schedule for the codistillation arm only.", choices=("constant", "paper")
     )
-    alpha: float = setting(
-        1.0, "Weight of the distillation term.", minimum=0, note="0 turns the distillation term off"
+    alpha: float | None = setting(
+        None,
+        "Weight of the distillation term (default 1; 0 with --exchange=average: pure DiLoCo).",
+        minimum=0,
+        note="0 turns the distillation term off",
     )
     distance: str = setting("kl", "Distance to the peers' logits.", choices=("mse", "kl", "reverse_kl"))
     temperature: float = setting(
@@ -293,6 +305,9 @@ class TrainConfig:
     # takes them all from one `_decisions()`.
     def resolved_exchange(self) -> str:
         return self._decisions().exchange
+
+    def resolved_alpha(self) -> float:
+        return default_alpha(self.exchange) if self.alpha is None else self.alpha
 
     def resolved_data_mode(self) -> str:
         return self._decisions().data_mode
@@ -381,10 +396,22 @@ class TrainConfig:
                     "--exchange=horovod swaps predictions on the same examples every step, which "
                     "needs --data_mode=shared; independent data orders need the stale-weights exchange."
                 )
-            if plan.exchange == "weights" and self.mode == "codistill" and self.data_mode == "shared":
+            if (
+                plan.exchange in ("weights", "average")
+                and self.mode == "codistill"
+                and self.data_mode == "shared"
+            ):
                 bad(
-                    "--data_mode=shared: with --exchange=weights across jobs or processes every group "
-                    "draws its own data order; use --data_mode=independent (or auto)."
+                    f"--data_mode=shared: with --exchange={plan.exchange} across jobs or processes every "
+                    "group draws its own data order; use --data_mode=independent (or auto)."
+                )
+        if plan.exchange == "average" and self.mode != "sync":
+            if self.data_mode == "shared":
+                bad("--data_mode=shared: averaged islands reading the same batches stay identical; use auto.")
+            if self.exchange_every < 1 or self.exchange_every % self.steps_per_execution:
+                bad(
+                    "--exchange=average needs --exchange_every >= 1, a multiple of --steps_per_execution: "
+                    "the steps between outer steps, which run between compiled calls."
                 )
         if self.tpu is not None:
             if plan.launched:
@@ -502,9 +529,14 @@ class TrainConfig:
         ):
             warnings.append(
                 f"--burn_in_steps + --alpha_ramp_steps = {self.burn_in_steps + self.alpha_ramp_steps} "
-                f"steps, longer than the run ({total} steps): alpha never reaches {self.alpha:g}."
+                f"steps, longer than the run ({total} steps): alpha never reaches {self.resolved_alpha():g}."
             )
         return warnings
+
+
+def default_alpha(exchange: str) -> float:
+    """--alpha when not given: 0 with --exchange=average (pure DiLoCo), else 1."""
+    return 0.0 if exchange == "average" else 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -335,6 +335,8 @@ class CodistillLoop:
                 hook.on_train_batch_begin(step - start)
             logs = self._train_fn(batch)
             step += 1
+            for hook in hooks:  # e.g. the averaging exchange's outer step, before a checkpoint
+                hook.on_train_batch_end(step - start - 1, logs)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
                 self.save(step)
                 last_saved = step

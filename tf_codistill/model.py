@@ -92,7 +92,8 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
             `keras.distillation.DistillationLoss` instance, called as
             `compute_loss(peers' mean logits, own logits)`.
         temperature: softmax temperature for the named KL distances.
-        alpha: weight of the distillation term, a number or an `AlphaSchedule`.
+        alpha: weight of the distillation term, a number or an `AlphaSchedule`
+            (default: the exchange's `default_alpha`, 1; 0 when averaging).
         data_mode: ``"independent"`` (each member draws its own batch, the
             paper's protocol; the dataset yields `((x_0, ...), (y_0, ...))`,
             see `tf_codistill.data.independent_batches`), ``"shared"``
@@ -129,7 +130,7 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         *,
         distance: str | keras.distillation.DistillationLoss = "kl",
         temperature: float = 1.0,
-        alpha: float | AlphaSchedule = 1.0,
+        alpha: float | AlphaSchedule | None = None,
         data_mode: str = "auto",
         exchange: Exchange | None = None,
         weight_decay: float | Schedule = 0.0,
@@ -147,6 +148,8 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         self._split_plain = data_mode in ("auto", "split")
         if data_mode in ("auto", "split"):
             data_mode = "independent" if len(members) > 1 else "shared"
+        if alpha is None:  # the exchange's default: 1, or 0 for parameter averaging (pure DiLoCo)
+            alpha = getattr(exchange, "default_alpha", 1.0)
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
         if not (is_number(weight_decay) or callable(weight_decay)):

@@ -56,7 +56,7 @@ def _arm_schedules(config: TrainConfig, arm: str, batch: int, total_steps: int, 
         wd = schedules.paper_weight_decay(boundaries, (config.weight_decay, config.weight_decay / 10, 0.0))
     else:
         wd = config.weight_decay
-    alpha = schedules.AlphaSchedule(config.alpha, config.burn_in_steps, config.alpha_ramp_steps)
+    alpha = schedules.AlphaSchedule(config.resolved_alpha(), config.burn_in_steps, config.alpha_ramp_steps)
     return lr, wd, alpha
 
 
@@ -221,6 +221,8 @@ def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
         seed=config.seed,
         peer_timeout=config.peer_timeout,
         on_stale=config.on_stale,
+        outer_learning_rate=config.outer_lr,
+        outer_momentum=config.outer_momentum,
         collective_timeout=config.collective_timeout,
     )
 
@@ -437,7 +439,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         if os.path.isdir("/proc/self/task"):
             entry["threads"] = len(os.listdir("/proc/self/task"))
     if plan.groups > 1:
-        entry.update(distance=config.distance, alpha=config.alpha, temperature=config.temperature)
+        entry.update(distance=config.distance, alpha=config.resolved_alpha(), temperature=config.temperature)
     if exchange is not None and exchange.name == "weights":
         entry["exchange"] = f"weights/{exchange.transport.name}"
         entry.update(
@@ -446,6 +448,14 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
             peer_refreshes=exchange.refreshes,
             peer_refresh_seconds=exchange.refresh_seconds,
             peer_bytes_received=exchange.bytes_received,
+        )
+    if exchange is not None and exchange.name == "average":
+        entry.update(
+            exchange_every=config.exchange_every,
+            outer_lr=config.outer_lr,
+            outer_momentum=config.outer_momentum,
+            outer_steps=exchange.outer_steps,
+            outer_seconds=exchange.outer_seconds,
         )
     if backup is not None:
         entry["resumed_from_epoch"] = backup.restored_epoch

@@ -29,6 +29,13 @@ Exchange kinds:
     copies of their weights (in this process, over Horovod, or through the
     shared directory `exchange_dir`, where each job trains group `group`).
     Every group reads its own data order.
+  * ``"average"``: the groups are islands that average their parameter
+    deltas every `exchange_every` = H steps; an outer optimizer (SGD with
+    `outer_learning_rate` and Nesterov `outer_momentum`) moves the shared
+    weights every island continues from (DiLoCo; `outer_learning_rate=1,
+    outer_momentum=0` is plain local SGD). In this process, or one Horovod
+    all-reduce every H steps across processes. Every island reads its own
+    data order; `CodistillModel`'s alpha defaults to 0 with it.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ class Runtime:
     Attributes:
         num_groups: groups (models) in the whole job; 1 is plain synchronous
             training with no exchange.
-        exchange_kind: ``"predictions"`` or ``"weights"``.
+        exchange_kind: ``"predictions"``, ``"weights"`` or ``"average"``.
         data_mode: what `CodistillModel` takes: ``"shared"`` (every local
             member sees the same batch; always so with one local member) or
             ``"independent"`` (each its own).
@@ -83,6 +90,8 @@ class Runtime:
     exchange_dir: str | None = None
     peer_timeout: float = 300.0
     on_stale: str = "keep"
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
     pair_set: Any = None
     group_set: Any = None
 
@@ -274,6 +283,8 @@ def init(
     seed: int = 0,
     peer_timeout: float = 300.0,
     on_stale: str = "keep",
+    outer_learning_rate: float = 0.7,
+    outer_momentum: float = 0.9,
     collective_timeout: float = 120.0,
     collective_implementation: str = "auto",
     precision: str = "float32",
@@ -290,9 +301,11 @@ def init(
 
     Args:
         num_groups: groups (models) in the job; 1 is the synchronous baseline.
-        exchange: ``"predictions"`` (every step) or ``"weights"`` (every
-            `exchange_every` steps).
-        exchange_every: weights: refresh the peers' copies every K steps (0: never).
+        exchange: ``"predictions"`` (every step), ``"weights"`` (every
+            `exchange_every` steps) or ``"average"`` (parameter averaging
+            every `exchange_every` steps).
+        exchange_every: weights: refresh the peers' copies every K steps (0:
+            never); average: H, the steps between outer steps (>= 1).
         exchange_dir: weights through this shared directory (any
             `tf.io.gfile` path): this job trains group `group` only, and the
             others are separate jobs.
@@ -302,6 +315,9 @@ def init(
         seed: base seed of the data order.
         peer_timeout: weights: seconds without news before a peer is stale.
         on_stale: weights: ``"keep"`` a stale peer's copy, or ``"drop"`` alpha to 0.
+        outer_learning_rate: average: the outer SGD's learning rate (DiLoCo: 0.7).
+        outer_momentum: average: the outer SGD's Nesterov momentum (DiLoCo:
+            0.9; 0 for none).
         collective_timeout: seconds any collective or rendezvous may wait.
         collective_implementation: the all-reduce inside a group of several
             workers: ``"auto"`` (NCCL on GPU workers, RING otherwise),
@@ -322,7 +338,15 @@ def init(
     check_int("num_groups", num_groups, 1)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}.")
-    check_int("exchange_every", exchange_every, 0)
+    check_int("exchange_every", exchange_every, 1 if exchange == "average" else 0)
+    if (
+        not is_number(outer_learning_rate)
+        or not math.isfinite(outer_learning_rate)
+        or outer_learning_rate <= 0
+    ):
+        raise ValueError(f"outer_learning_rate must be a finite number > 0, got {outer_learning_rate!r}.")
+    if not is_number(outer_momentum) or not 0 <= outer_momentum < 1:
+        raise ValueError(f"outer_momentum must be in [0, 1) (0: no momentum), got {outer_momentum!r}.")
     check_int("seed", seed, 0)
     if data_mode is not None and data_mode not in _DATA_MODES:
         raise ValueError(f"data_mode must be one of {_DATA_MODES} or None, got {data_mode!r}.")
@@ -415,6 +439,8 @@ def init(
         exchange_dir=exchange_dir,
         peer_timeout=float(peer_timeout),
         on_stale=on_stale,
+        outer_learning_rate=float(outer_learning_rate),
+        outer_momentum=float(outer_momentum),
         pair_set=pair_set,
         group_set=group_set,
     )

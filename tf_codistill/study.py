@@ -339,6 +339,8 @@ def _run_key(settings: dict) -> str:
         if name in ("workdir", "verbose"):
             continue
         value = settings.get(name, spec.default)
+        if name == "alpha" and value is None:  # its default depends on the exchange
+            value = config.default_alpha(settings.get("exchange", "auto"))
         if spec.kind == "float" and value is not None:
             value = float(value)
         values[name] = value

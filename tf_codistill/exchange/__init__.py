@@ -10,6 +10,7 @@ import importlib
 from tf_codistill.exchange.factory import KINDS, make_exchange
 
 _EXPORTS = {
+    "AveragingExchange": "tf_codistill.exchange.average",
     "Exchange": "tf_codistill.exchange.base",
     "LocalExchange": "tf_codistill.exchange.local",
     "HorovodExchange": "tf_codistill.exchange.horovod",
@@ -21,6 +22,7 @@ _EXPORTS = {
 
 __all__ = [  # noqa: F822 - the classes come through __getattr__
     "KINDS",
+    "AveragingExchange",
     "DirectoryTransport",
     "Exchange",
     "HorovodExchange",

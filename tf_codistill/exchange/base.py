@@ -25,6 +25,8 @@ class Exchange:
     allows_xla = True
     #: Whether `all_logits` gives every group's evaluation logits.
     gathers_eval_logits = False
+    #: The distillation weight `CodistillModel` takes when given no alpha.
+    default_alpha = 1.0
 
     def bind(self, model) -> None:
         """Called once by `CodistillModel.__init__`; validate the pairing here."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 # The kinds a runtime can make, each with the data orders its groups read:
 # "predictions" every step (local in one process, a Horovod all-gather across
 # processes) needs every pair of workers to read the same batches; "weights"
-# (a frozen copy of each peer every K steps) lets every group read its own.
-KINDS = {"predictions": "shared", "weights": "independent"}
+# (a frozen copy of each peer every K steps) lets every group read its own;
+# "average" (islands averaging their parameters every H steps: local SGD,
+# DiLoCo) needs every island to read its own.
+KINDS = {"predictions": "shared", "weights": "independent", "average": "independent"}
 
 
 def make_exchange(runtime):
@@ -44,5 +46,14 @@ def make_exchange(runtime):
             num_groups=runtime.num_groups,
             peer_timeout=runtime.peer_timeout,
             on_stale=runtime.on_stale,
+        )
+    if runtime.exchange_kind == "average":
+        from tf_codistill.exchange.average import AveragingExchange, outer_sgd
+
+        return AveragingExchange(
+            runtime.exchange_every,
+            outer_sgd(runtime.outer_learning_rate, runtime.outer_momentum),
+            topology=runtime.topology,
+            pair_set=runtime.pair_set,
         )
     raise ValueError(f"unknown exchange kind {runtime.exchange_kind!r}.")
