@@ -98,9 +98,11 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
             paper's protocol; the dataset yields `((x_0, ...), (y_0, ...))`,
             see `tf_codistill.data.independent_batches`), ``"shared"``
             (every member sees the same batch; the dataset yields `(x, y)`;
-            what per-step prediction exchange needs), or ``"auto"`` (the
-            default): independent with several local members, shared with
-            one (where the mode only matters to the exchange).
+            what per-step prediction exchange needs), ``"split"`` (each
+            `(x, y)` batch split across the local members, as `tf.distribute`
+            splits a global batch across replicas), or ``"auto"`` (the
+            default): nested per-member batches are independent, a plain
+            batch is split; with one member, shared.
         exchange: how peer predictions arrive; defaults to `LocalExchange`.
         weight_decay: L2 coefficient on kernels (variables of rank >= 2),
             a number or a step schedule (e.g. `schedules.paper_weight_decay`).
