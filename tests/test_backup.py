@@ -212,7 +212,7 @@ def test_a_mid_epoch_backup_resumes_mid_epoch_exactly(tmp_path, capsys, stop):
     assert backup.resume_step() == newest and backup.resume_epoch() == newest // STEPS
     history = _fit(resumed, 4, backup, data=_data().skip(newest))
     out = capsys.readouterr().out
-    assert f"resumed from step {newest} (step {newest}, batch {newest % STEPS} of epoch" in out
+    assert f"resumed from step {newest} (batch {newest % STEPS} of epoch {newest // STEPS + 1})" in out
     for a, b in zip(_weights(resumed), _weights(straight)):
         np.testing.assert_array_equal(a, b)
     assert backup.history.keys() == full.keys()

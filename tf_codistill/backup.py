@@ -432,12 +432,11 @@ class Backup(keras.callbacks.Callback):
         self.history = {k: list(v) for k, v in self.restored_history.items()}
         self._saved_step = self.restored_step
         model._initial_epoch = self.restored_epoch
-        where = (
-            f", batch {self._resume_batches} of epoch {self.restored_epoch + 1}"
-            if self._resume_batches
-            else ""
-        )
-        self._say(f"resumed from {what} (step {self.restored_step}{where}) in {self.directory}")
+        if self._resume_batches:
+            where = f"batch {self._resume_batches} of epoch {self.restored_epoch + 1}"
+        else:
+            where = f"step {self.restored_step}"
+        self._say(f"resumed from {what} ({where}) in {self.directory}")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_batches = epoch, 0
