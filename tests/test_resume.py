@@ -288,7 +288,11 @@ def _check_preempted(facts, processes):
     assert sum("SIGTERM received" in line for line in lines) == 1, lines
     if processes == 1:
         assert facts["returncode"] == ExitStatus.PREEMPTED
-    assert "Traceback" not in facts["output"]
+    # horovodrun prints its own traceback when a rank exits non-zero; the ranks print none.
+    rank_lines = facts["output"].splitlines()
+    if processes > 1:
+        rank_lines = [line.split(">:", 1)[1] for line in rank_lines if line.startswith("[") and ">:" in line]
+    assert not [line for line in rank_lines if line.startswith("Traceback")], facts["output"][-3000:]
     assert facts["updates_redone"] == 0
     assert facts["victim_exit_s"] < 20 and facts["job_exit_s"] < 30, facts
 

@@ -259,7 +259,7 @@ class Backup(keras.callbacks.Callback):
 
     def _step(self) -> int:
         optimizer = self.model.optimizer
-        return int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0
+        return int(optimizer.iterations.numpy()) if optimizer is not None else 0
 
     def check_writable(self) -> None:
         """Raises BackupError when the directory cannot be created or written."""
@@ -519,10 +519,7 @@ class Backup(keras.callbacks.Callback):
         self.model.save_weights(weights)
         metrics = {}
         if epoch_step:
-            metrics = {
-                f"m{i}": keras.ops.convert_to_numpy(v.value)
-                for i, v in enumerate(self.model.metrics_variables)
-            }
+            metrics = {f"m{i}": v.numpy() for i, v in enumerate(self.model.metrics_variables)}
         meta = {
             "epoch": epoch,
             "step": self._step(),

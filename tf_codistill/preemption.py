@@ -170,5 +170,5 @@ class PreemptionHandler(keras.callbacks.Callback):
         first = self.received[0] if self.received else None
         name = signal.Signals(first[0]).name if first else None
         seconds = time.monotonic() - (first[1] if first else agreed)
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        step = int(self.model.optimizer.iterations.numpy())
         raise Preempted(step, name, seconds, folder)
