@@ -261,6 +261,19 @@ class Backup(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         return int(optimizer.iterations.numpy()) if optimizer is not None else 0
 
+    def _metric_parts(self) -> list:
+        """The metrics' variables as this process holds them: each one's part
+        per local replica. Reading a metric variable whole under
+        MultiWorkerMirroredStrategy sums it over every worker of the group (a
+        collective, and not this worker's running total); its parts are this
+        worker's own. (`_value`: the tf.Variable inside a Keras 3.15 one.)"""
+        strategy = self.model.distribute_strategy
+        return [
+            part
+            for variable in self.model.metrics_variables
+            for part in strategy.experimental_local_results(getattr(variable, "_value", variable))
+        ]
+
     def check_writable(self) -> None:
         """Raises BackupError when the directory cannot be created or written."""
         try:
@@ -421,11 +434,11 @@ class Backup(keras.callbacks.Callback):
         if self._resume_batches:
             with np.load(io.BytesIO(files.read_bytes(files.join(folder, METRICS)))) as saved:
                 self._metric_values = [saved[f"m{i}"] for i in range(len(saved.files))]
-            if len(self._metric_values) != len(self.model.metrics_variables):
+            if len(self._metric_values) != len(self._metric_parts()):
                 raise BackupError(
                     f"the backup of {what} in {self.directory} holds {len(self._metric_values)} metric "
-                    f"values and this model has {len(self.model.metrics_variables)}: it was written by "
-                    "another configuration; use another workdir or remove it."
+                    f"values and this model has {len(self._metric_parts())}: it was written by "
+                    "another configuration or layout; use another workdir or remove it."
                 )
         self.restored_history = {k: list(v) for k, v in meta.get("history", {}).items()}
         self.restored_extra = dict(meta.get("extra", {}))
@@ -460,8 +473,8 @@ class Backup(keras.callbacks.Callback):
             )
         self._shortened = (iterator, iterator.steps_per_epoch)
         iterator.steps_per_epoch -= self._resume_batches
-        for variable, value in zip(self.model.metrics_variables, self._metric_values):
-            variable.assign(value)
+        for part, value in zip(self._metric_parts(), self._metric_values):
+            part.assign(value)
         self._epoch_batches, self._resume_batches, self._metric_values = self._resume_batches, 0, None
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -519,7 +532,7 @@ class Backup(keras.callbacks.Callback):
         self.model.save_weights(weights)
         metrics = {}
         if epoch_step:
-            metrics = {f"m{i}": v.numpy() for i, v in enumerate(self.model.metrics_variables)}
+            metrics = {f"m{i}": part.numpy() for i, part in enumerate(self._metric_parts())}
         meta = {
             "epoch": epoch,
             "step": self._step(),
