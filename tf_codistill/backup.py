@@ -326,18 +326,6 @@ class Backup(keras.callbacks.Callback):
                 )
         return good
 
-    def intact_epochs(self) -> list[int]:
-        """Numbers of the backups of this unit that pass their checksum, newest
-        first; the others are skipped with a warning."""
-
-        def warn(epoch, problem):
-            print(
-                f"WARNING: skipping the backup of {self.unit} {epoch} in {self.directory}: {problem}.",
-                flush=True,
-            )
-
-        return intact_epochs(self.directory, warn, self.unit)
-
     def _clean_temporaries(self) -> None:
         """Deletes what a kill mid-save left: temporary folders, and (on an
         object store, where a backup is assembled in place) backups without
@@ -453,9 +441,7 @@ class Backup(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_batches = epoch, 0
-        if self._shortened is not None:  # the epoch after the one resumed mid-way: full length again
-            iterator, steps = self._shortened
-            iterator.steps_per_epoch, self._shortened = steps, None
+        self._full_length()  # the epoch after the one resumed mid-way
         if not self._resume_batches:
             return
         # Resumed mid-epoch: this epoch runs only its remaining steps, and its
@@ -477,6 +463,11 @@ class Backup(keras.callbacks.Callback):
             part.assign(value)
         self._epoch_batches, self._resume_batches, self._metric_values = self._resume_batches, 0, None
 
+    def _full_length(self) -> None:
+        if self._shortened is not None:
+            iterator, steps = self._shortened
+            iterator.steps_per_epoch, self._shortened = steps, None
+
     def on_train_batch_begin(self, batch, logs=None):
         # Between two steps, after every callback has seen the last one's end
         # (a backup at a step never lacks that step's log lines).
@@ -488,9 +479,7 @@ class Backup(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- save
     def on_epoch_end(self, epoch, logs=None):
-        if self._shortened is not None:
-            iterator, steps = self._shortened
-            iterator.steps_per_epoch, self._shortened = steps, None
+        self._full_length()
         self._epoch_batches = 0
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
@@ -625,9 +614,7 @@ class Backup(keras.callbacks.Callback):
         return final
 
     def on_train_end(self, logs=None):
-        if self._shortened is not None:
-            iterator, steps = self._shortened
-            iterator.steps_per_epoch, self._shortened = steps, None
+        self._full_length()
         if self.delete_on_finish:
             self.remove()
 
