@@ -495,6 +495,12 @@ class Backup(keras.callbacks.Callback):
             return None
         if not self._epoch_batches:  # an epoch's first step: the last epoch backup holds it
             return None
+        if getattr(self.model, "steps_per_execution", 1) != 1:
+            self._say(
+                "no backup between steps with steps_per_execution > 1: a rerun starts epoch "
+                f"{self._epoch + 1} again"
+            )
+            return None
         folder = self.save(self._epoch, epoch_step=self._epoch_batches)
         self._saved_step = step
         return folder

@@ -66,10 +66,17 @@ class Preempted(Exception):
             existing backup already holds this step).
     """
 
-    def __init__(self, step: int, signal_name: str | None, seconds: float, folder: str | None):
+    def __init__(
+        self, step: int, signal_name: str | None, seconds: float, folder: str | None, backed_up: bool = True
+    ):
         self.step, self.signal_name, self.seconds, self.folder = step, signal_name, seconds, folder
         who = f"{signal_name} received" if signal_name else "another process of the job was signalled"
-        where = f"backed up in {folder}" if folder else "nothing new to back up"
+        if not backed_up:
+            where = "no backups kept, so a rerun starts afresh"
+        else:
+            where = (
+                f"backed up in {folder}" if folder else "no new backup (a rerun resumes from the newest one)"
+            )
         super().__init__(f"{who}: stopped after step {step}, {where} ({seconds:.1f} s after the signal)")
 
 
@@ -171,4 +178,4 @@ class PreemptionHandler(keras.callbacks.Callback):
         name = signal.Signals(first[0]).name if first else None
         seconds = time.monotonic() - (first[1] if first else agreed)
         step = int(self.model.optimizer.iterations.numpy())
-        raise Preempted(step, name, seconds, folder)
+        raise Preempted(step, name, seconds, folder, backed_up=self.backup is not None)
