@@ -320,7 +320,15 @@ def test_sigterm_one_process_stops_at_a_step_and_resumes_there(
     )
 
 
-@pytest.mark.parametrize("name, extra, arm", HOROVOD_LAYOUTS)
+# make test runs the prediction exchange; `pytest tests/test_resume.py` all three (about a minute each
+# on 2 cores; tests/faults has the same layouts, slow, without the bit-for-bit comparison).
+SIGTERM_LAYOUTS = [
+    layout if layout[0].startswith("predictions") else pytest.param(*layout, marks=pytest.mark.slow)
+    for layout in HOROVOD_LAYOUTS
+]
+
+
+@pytest.mark.parametrize("name, extra, arm", SIGTERM_LAYOUTS)
 def test_sigterm_to_one_rank_stops_the_whole_job_at_one_step(
     name, extra, arm, tmp_path, tmp_path_factory, data_dir, mnist1d_spec, horovod_installed
 ):
