@@ -104,22 +104,22 @@ def test_partial_and_corrupt_backups_are_never_loaded(tmp_path, capsys):
     assert backup.restored_epoch == 1 and int(fresh.optimizer.iterations.numpy()) == STEPS
 
 
-def test_agreement_picks_the_epoch_every_process_holds(tmp_path):
+def test_agreement_picks_the_step_every_process_holds(tmp_path):
     directory = str(tmp_path / "backup")
     _backed_up(directory, 3, keep=3)
     seen = []
 
-    def agree(epochs):  # as if another process held only epochs 1 and 2
-        seen.append(list(epochs))
-        common = set(epochs) & {1, 2}
+    def agree(steps):  # as if another process held only the backups of epochs 1 and 2
+        seen.append(list(steps))
+        common = set(steps) & {STEPS, 2 * STEPS}
         return max(common) if common else None
 
     backup = Backup(directory, agree=agree, delete_on_finish=False)
     model = _model()
     _fit(model, 2, backup)
-    assert seen == [[3, 2, 1]] and backup.restored_epoch == 2
+    assert seen == [[3 * STEPS, 2 * STEPS, STEPS]] and backup.restored_epoch == 2
     # Nothing in common: start afresh, with a message.
-    afresh = Backup(directory, agree=lambda epochs: None, delete_on_finish=False)
+    afresh = Backup(directory, agree=lambda steps: None, delete_on_finish=False)
     assert afresh.resume_epoch() is None
 
 
@@ -174,3 +174,56 @@ def test_a_backup_of_another_model_is_refused(tmp_path):
     with pytest.raises(BackupError, match="does not fit this model"):
         backup.on_train_begin()
     assert json.loads(open(os.path.join(directory, "epoch-000001", backup_mod.META)).read())["epoch"] == 1
+
+
+class _StopAt(keras.callbacks.Callback):
+    """Stands for a kill: raises between two steps once `step` updates are done."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [13, 7])
+def test_a_mid_epoch_backup_resumes_mid_epoch_exactly(tmp_path, capsys, stop):
+    """Backups every 3 steps in epochs of 5; stopped after `stop` updates,
+    the rerun goes on from the newest backup (step 12: batch 2 of epoch 3;
+    step 6: batch 1 of epoch 2) and every epoch's logs and the weights equal
+    an uninterrupted run's."""
+    straight = _model()
+    full = _fit(straight, 4)
+
+    directory = str(tmp_path / "backup")
+    first = Backup(directory, delete_on_finish=False, every_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        _model().fit(_data(), epochs=4, steps_per_epoch=STEPS, verbose=0, callbacks=[first, _StopAt(stop)])
+    newest = 3 * (stop // 3)
+    assert f"step-{newest:06d}" in os.listdir(directory)
+    meta = backup_mod.read_meta(directory, newest, "step")
+    assert (meta["epoch"], meta["epoch_step"], meta["step"]) == (newest // STEPS, newest % STEPS, newest)
+    assert meta["metrics_sha256"] and len(meta["history"]["loss"]) == newest // STEPS
+
+    resumed = _model()
+    backup = Backup(directory, delete_on_finish=False, every_steps=3)
+    assert backup.resume_step() == newest and backup.resume_epoch() == newest // STEPS
+    history = _fit(resumed, 4, backup, data=_data().skip(newest))
+    out = capsys.readouterr().out
+    assert f"resumed from step {newest} (batch {newest % STEPS} of epoch {newest // STEPS + 1})" in out
+    for a, b in zip(_weights(resumed), _weights(straight)):
+        np.testing.assert_array_equal(a, b)
+    assert backup.history.keys() == full.keys()
+    for key in full:  # the resumed epoch's means included: its metrics went on from their totals
+        assert backup.history[key] == full[key], key
+        assert history[key] == full[key][newest // STEPS :], key
+    assert int(resumed.optimizer.iterations.numpy()) == 4 * STEPS
+
+
+def test_every_steps_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="every_steps must be >= 0"):
+        Backup(str(tmp_path), every_steps=-1)
+    with pytest.raises(TypeError, match="every_steps must be an integer"):
+        Backup(str(tmp_path), every_steps=2.5)

@@ -223,6 +223,18 @@ def test_failing_rank_fails_the_job(tmp_path):
 
 
 @needs_horovod
+def test_a_preempted_job_exits_with_the_preempted_status(tmp_path):
+    from tf_codistill.config import ExitStatus
+    from tf_codistill.launch import EXIT_PREEMPTED
+
+    assert EXIT_PREEMPTED == ExitStatus.PREEMPTED
+    script = _script(tmp_path, "preempted", "sys.exit(143)")
+    result = _launch("--np", 2, "--groups", 1, "--", script)
+    assert result.returncode == ExitStatus.PREEMPTED, result.stdout + result.stderr
+    assert "was preempted (exit status 143)" in result.stderr and "run the same command" in result.stderr
+
+
+@needs_horovod
 def test_num_groups_and_environment_are_forwarded(tmp_path):
     script = _script(
         tmp_path,

@@ -37,6 +37,8 @@ _EXPORTS = {
     "LocalExchange": "tf_codistill.exchange",
     "LogitMSE": "tf_codistill.losses",
     "PiecewiseConstant": "tf_codistill.schedules",
+    "Preempted": "tf_codistill.preemption",
+    "PreemptionHandler": "tf_codistill.preemption",
     "ReverseKLDivergence": "tf_codistill.losses",
     "StaleWeightsExchange": "tf_codistill.exchange",
     "DirectoryTransport": "tf_codistill.exchange",

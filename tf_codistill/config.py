@@ -53,6 +53,10 @@ class ExitStatus(enum.IntEnum):
     DIVERGED = 3  # a group's predictions went NaN or Inf (PeerFailureError)
     STORAGE = 4  # a backup could not be written or does not fit, or the disk is full
     PEER_LOST = 5  # another process of the job died or stopped responding
+    # SIGTERM/SIGINT: stopped at a step every process agreed on and backed it up; rerun to resume.
+    # 128 + SIGTERM, as a shell reports a process SIGTERM ended: Kubeflow's restartPolicy ExitCode
+    # (128-255: retryable) restarts it, and it is what the launcher reports when it forwards SIGTERM.
+    PREEMPTED = 143
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +294,14 @@ class TrainConfig:
         minimum=0,
         note="0: no backups",
     )
+    backup_every_steps: int = setting(
+        0,
+        "Also back up between steps whenever the update count is a multiple of this; a rerun then "
+        "resumes mid-epoch. 0: at epoch ends only (SIGTERM still saves at the step it stops at).",
+        minimum=0,
+        unit="steps",
+        note="0: at epoch ends only",
+    )
     verbose: int = setting(
         2,
         "Console output: 0 silent, 1 progress bar, 2 one short line per epoch (pooled metrics), "
@@ -429,6 +441,10 @@ class TrainConfig:
                 f"--batch_size={self.batch_size} is not divisible by --num_groups={self.num_groups}; "
                 "each group takes batch_size / num_groups examples per step."
             )
+        if self.backup_every_steps and self.backup_keep == 0:
+            bad("--backup_every_steps needs backups: leave --backup_keep at 1 or more.")
+        if self.backup_every_steps and self.steps_per_execution > 1:
+            bad("--backup_every_steps backs up between steps, which needs --steps_per_execution=1.")
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
         max_seed = (2**32 - self.num_groups) // 1000

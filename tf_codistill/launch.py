@@ -22,7 +22,8 @@ and adds:
   whole job down so no worker outlives it.
 
 Exit status: 0 when every rank succeeded; horovodrun's status otherwise (never 0 when a
-rank failed); 2 for bad arguments; 124 on timeout; 128 + signal number when interrupted.
+rank failed); 143 when the first rank to stop was preempted (train.py's ExitStatus.PREEMPTED);
+2 for bad arguments; 124 on timeout; 128 + signal number when interrupted.
 
 The module uses only the standard library (and psutil, a Horovod dependency, when
 present), so `python tf_codistill/launch.py ...` works too.
@@ -67,6 +68,9 @@ _SIGKILLED = (128 + signal.SIGKILL, -signal.SIGKILL)
 # (safe_shell_exec.GRACEFUL_TERMINATION_TIME_S), so a SIGKILL reported sooner than this after
 # the first failure came from outside the job: the OOM killer, a user, the cluster.
 _OUTSIDE_KILL_WINDOW_S = 2.0
+# train.py's ExitStatus.PREEMPTED (this module imports nothing of the library): a rank stopped on
+# SIGTERM/SIGINT at a step the job agreed on and backed it up. The same number as 128 + SIGTERM.
+EXIT_PREEMPTED = 143
 
 
 class UsageError(Exception):
@@ -508,6 +512,12 @@ def _run(command: list[str], env: dict[str, str], timeout_s: float | None, out: 
     failure = formatter.failure()
     if failure is not None:
         rank, code = failure
+        if code == EXIT_PREEMPTED:
+            _info(
+                f"rank {rank} was preempted (exit status {code}): the job stopped at a step every rank "
+                "backed up; run the same command to resume."
+            )
+            return EXIT_PREEMPTED
         if status == 0:  # horovodrun reported a failed rank yet exited 0: never hide the failure
             status = code if 0 < code < 256 else 1
         _info(f"rank {rank} failed first, with exit status {code}; the job exits with status {status}.")

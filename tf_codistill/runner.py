@@ -17,6 +17,7 @@ from tf_codistill import backup as backup_mod
 from tf_codistill import files
 from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
+from tf_codistill.preemption import Preempted, PreemptionHandler
 from tf_codistill.report import (
     EPOCH_LINE_KEYS,
     TEXT_LINE_KEYS,
@@ -307,9 +308,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     files.makedirs(plan.directory)
     timer = EpochTimer()
     backup = _make_backup(config, plan, timer)
-    # A resumed run reads on from where the backup's epoch ended.
-    resume_epoch = backup.resume_epoch() if backup is not None else None
-    skip = (resume_epoch or 0) * plan.steps_per_epoch
+    # A resumed run reads on from where the backup ended (mid-epoch too).
+    skip = backup.resume_step() if backup is not None else 0
 
     # Datasets first: tf.data shuffles depend on TF's global seed too, which
     # building each member with its own seed changes.
@@ -356,6 +356,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     callbacks.append(StepLogger(os.path.join(plan.directory, f"steps{plan.tag}.jsonl"), backup))
     verbose = config.verbose if rt.is_chief else 0
     callbacks.append(EpochLine(plan.epochs, verbose, TEXT_LINE_KEYS if spec.is_text else EPOCH_LINE_KEYS))
+    # Last: it backs up a step once every callback has seen the step before.
+    callbacks.append(PreemptionHandler(backup, agree=rt.max_over_job if rt.distributed else None))
     where = f"rank {rt.rank} (group {rt.group}) " if rt.distributed else ""
     print(
         f"[{plan.arm}] {where}{plan.groups} group(s) x batch {plan.batch}, {plan.total_steps} updates per "
@@ -363,15 +365,22 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         flush=True,
     )
     start = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        epochs=plan.epochs,
-        steps_per_epoch=plan.steps_per_epoch,
-        validation_data=val_ds,
-        callbacks=callbacks,
-        verbose=keras_verbose(verbose),
-        shuffle=False,
-    ).history
+    try:
+        history = model.fit(
+            train_ds,
+            epochs=plan.epochs,
+            steps_per_epoch=plan.steps_per_epoch,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            verbose=keras_verbose(verbose),
+            shuffle=False,
+        ).history
+    except Preempted:
+        # fit's on_train_end did not run: stop the exchange's threads (a
+        # directory's pending snapshot is written), but publish no final one.
+        if exchange is not None and hasattr(exchange, "close"):
+            exchange.close()
+        raise
     wall = time.perf_counter() - start
     if backup is not None:
         # Every epoch's logs, the ones before a resume included.
@@ -459,6 +468,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         )
     if backup is not None:
         entry["resumed_from_epoch"] = backup.restored_epoch
+        entry["resumed_from_step"] = backup.restored_step if backup.restored_epoch is not None else None
         entry["backup_seconds"] = backup.save_seconds
     if plan.writes_logs:
         text = json.dumps({k: [float(v) for v in vs] for k, vs in history.items()}, indent=1)
@@ -513,7 +523,12 @@ def _make_backup(config: TrainConfig, plan: ArmPlan, timer: EpochTimer):
         }
 
     backup = backup_mod.Backup(
-        directory, keep=config.backup_keep, agree=agree, extra=extra, delete_on_finish=False
+        directory,
+        keep=config.backup_keep,
+        agree=agree,
+        extra=extra,
+        delete_on_finish=False,
+        every_steps=config.backup_every_steps,
     )
     try:
         backup.check_writable()

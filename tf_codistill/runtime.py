@@ -234,6 +234,16 @@ class Runtime:
 
         return topology.allgather_object(obj, name="tf_codistill_gather")
 
+    def max_over_job(self, values) -> list[int]:
+        """The element-wise maximum of every process's `values` (non-negative
+        ints); every process must call it at the same point. In one process,
+        `values` itself."""
+        if not self.distributed:
+            return [int(v) for v in values]
+        from tf_codistill import topology
+
+        return topology.allreduce_max(values, name="tf_codistill_preemption")
+
     def agree_on_epoch(self, epochs):
         """The newest epoch every process holds (for resuming in step), or
         None; in one process the newest of `epochs`."""

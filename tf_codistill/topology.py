@@ -330,6 +330,18 @@ def agree_on_epoch(epochs) -> int | None:
     return max(common) if common else None
 
 
+def allreduce_max(values, name: str = "tf_codistill_max") -> list[int]:
+    """The element-wise maximum of every process's `values` (non-negative
+    ints), on every process; all must call it at the same point. On the host:
+    a Gloo-only Horovod has no GPU kernels. Bounded by Horovod's Gloo timeout."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    with tf.device("/cpu:0"):
+        out = hvd.allreduce(tf.constant(list(values), dtype=tf.int64), op=hvd.Max, name=name)
+    return [int(v) for v in out.numpy()]
+
+
 # ----------------------------------------------------------- TFJob -> Horovod
 # A Kubeflow TFJob starts one plain process per replica and injects TF_CONFIG
 # ("environment": "cloud"); nobody runs horovodrun. `bootstrap_from_tf_config`

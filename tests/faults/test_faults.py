@@ -658,3 +658,196 @@ def test_sigstop_a_worker_of_a_sync_mwms_group(tmp_path, data_dir, mnist1d_spec,
     _sigstop_rank(
         tmp_path, data_dir, fault_report, "sigstop-mwms-worker", 2, 1, args, 120, "stopped sending heartbeats"
     )
+
+
+# ------------------------------------------------------- 6. SIGTERM (preemption)
+def _steps_in(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def _stopped_steps(out: str) -> set[int]:
+    """The steps named by every `train.py: preempted: ... stopped after step S` line."""
+    return {
+        int(line.split("stopped after step ")[1].split(",")[0])
+        for line in out.splitlines()
+        if "train.py: preempted:" in line
+    }
+
+
+def _resumed_step(out: str) -> int | None:
+    for line in out.splitlines():
+        if "[backup] resumed from step " in line:
+            return int(line.split("[backup] resumed from step ")[1].split()[0])
+        if "[backup] resumed from epoch " in line:
+            return int(line.split("(step ")[1].split(")")[0])
+    return None
+
+
+def _preempt(tmp_path, fault_report, case, cmd, steps_log, target, ranks, signum=signal.SIGTERM, env=None):
+    """Starts `cmd`, sends `signum` to `target()` (a pid) in the middle of the
+    second epoch, waits for the exit, reruns the same command, and reports
+    the seconds from the signal to the exit and the updates redone."""
+    marker = str(tmp_path / "run")
+    job = Job(cmd, tmp_path / "run.log", env=env or worker_env(), marker=marker)
+    try:
+        job.wait_for(lambda: 70 <= _steps_in(steps_log) < 110, 240, "the middle of epoch 2")
+        pid = target(job)
+        sent = time.monotonic()
+        signal_pid(pid, signum)
+        status = job.wait(60)
+        seconds = time.monotonic() - sent
+    finally:
+        job.stop()
+    out = job.text()
+    stopped = _stopped_steps(out)
+    done = _steps_in(steps_log)
+    rerun = Job(cmd, tmp_path / "rerun.log", env=env or worker_env(), marker=marker)
+    try:
+        rerun_status = rerun.wait(240)
+    finally:
+        rerun.stop()
+    resumed = _resumed_step(rerun.text())
+    redone = None if resumed is None else done - resumed
+    fault_report(
+        case,
+        f"{len([ln for ln in out.splitlines() if 'train.py: preempted:' in ln])}/{ranks} processes "
+        f"stopped at step {'/'.join(map(str, sorted(stopped))) or '?'}, exit {status}; rerun exit {rerun_status}",
+        seconds,
+        f"no: {redone} updates redone" if redone == 0 else f"{redone} updates redone",
+        f"SIGTERM to exit; resumed at step {resumed}",
+    )
+    assert status is not None, f"{case}: no exit within 60 s of the signal:\n{out[-3000:]}"
+    assert len(stopped) == 1, f"{case}: the processes did not stop at one step:\n{out[-3000:]}"
+    assert out.count("train.py: preempted:") == ranks, out[-3000:]
+    assert rerun_status == 0, rerun.text()[-3000:]
+    assert resumed == stopped.pop() == done and redone == 0, (resumed, done)
+    assert seconds < 30, seconds
+    return status
+
+
+def test_sigterm_one_process(tmp_path, data_dir, mnist1d_spec, fault_report):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *BASE, "--mode=codistill", "--epochs=4", f"--data_dir={data_dir}"]
+    cmd.append(f"--workdir={workdir}")
+    status = _preempt(
+        tmp_path,
+        fault_report,
+        "sigterm-one-process",
+        cmd,
+        workdir / "codistill" / "steps.jsonl",
+        lambda job: job.proc.pid,
+        1,
+        env=python_env(),
+    )
+    assert status == 143
+
+
+def _horovod_preempt(tmp_path, data_dir, fault_report, case, np_, groups, args, arm, victim):
+    workdir = tmp_path / "run"
+    cmd = launch_cmd(np_, groups, workdir, *args, "--epochs=4", f"--data_dir={data_dir}", timeout=400)
+    marker = f"--workdir={workdir}"
+    status = _preempt(
+        tmp_path,
+        fault_report,
+        case,
+        cmd,
+        workdir / arm / "steps.rank0.jsonl",
+        lambda job: pid_of_rank(victim, marker),
+        np_,
+    )
+    assert status == 143, status  # the launcher passes the ranks' status on
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+@pytest.mark.parametrize(
+    "case, np_, groups, args, arm, victim",
+    [
+        ("sigterm-mwms-1x2", 2, 1, ["--mode=sync"], "sync", 1),
+        ("sigterm-predictions-2x1", 2, 2, ["--mode=codistill", "--exchange=horovod"], "codistill", 1),
+        ("sigterm-weights-2x1", 2, 2, ["--mode=codistill", "--exchange=weights"], "codistill", 0),
+        ("sigterm-predictions-2x2", 4, 2, ["--mode=codistill", "--exchange=horovod"], "codistill", 2),
+    ],
+)
+def test_sigterm_to_one_rank(
+    tmp_path, data_dir, mnist1d_spec, fault_report, case, np_, groups, args, arm, victim
+):
+    _horovod_preempt(tmp_path, data_dir, fault_report, case, np_, groups, args, arm, victim)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("horovod_installed")
+def test_sigterm_to_the_launcher(tmp_path, data_dir, mnist1d_spec, fault_report):
+    """SIGTERM to `python -m tf_codistill.launch`: horovodrun passes it to every rank."""
+    workdir = tmp_path / "run"
+    args = ["--mode=codistill", "--exchange=horovod", "--epochs=4", f"--data_dir={data_dir}"]
+    cmd = launch_cmd(2, 2, workdir, *args, timeout=400)
+    status = _preempt(
+        tmp_path,
+        fault_report,
+        "sigterm-launcher-2x1",
+        cmd,
+        workdir / "codistill" / "steps.rank0.jsonl",
+        lambda job: job.proc.pid,
+        2,
+    )
+    assert status == 143
+
+
+@pytest.mark.slow
+def test_sigterm_a_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_report):
+    """A group of a directory exchange saves alone; the other group goes on."""
+    g0 = Job(_group_cmd(0, tmp_path, data_dir, 12), tmp_path / "g0.log", env=worker_env())
+    try:
+        cmd = _group_cmd(1, tmp_path, data_dir, 4)
+        cmd[cmd.index(f"--workdir={tmp_path / 'g1'}")] = f"--workdir={tmp_path / 'run'}"
+        status = _preempt(
+            tmp_path,
+            fault_report,
+            "sigterm-directory-group",
+            cmd,
+            tmp_path / "run" / "codistill" / "steps.jsonl",
+            lambda job: job.proc.pid,
+            1,
+        )
+        assert status == 143
+        assert g0.wait(300) == 0, g0.text()[-3000:]
+    finally:
+        g0.stop()
+
+
+def test_sigkill_with_step_backups_redoes_at_most_n(tmp_path, data_dir, mnist1d_spec, fault_report):
+    """SIGKILL cannot be caught: with --backup_every_steps=10 at most 10 updates are redone."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *BASE, "--mode=sync", "--epochs=4", "--backup_every_steps=10"]
+    cmd += [f"--data_dir={data_dir}", f"--workdir={workdir}"]
+    steps_log = workdir / "sync" / "steps.jsonl"
+    job = Job(cmd, tmp_path / "run.log", env=python_env())
+    try:
+        job.wait_for(lambda: 75 <= _steps_in(steps_log) < 110, 240, "the middle of epoch 2")
+        sent = time.monotonic()
+        job.proc.kill()
+        status = job.wait(30)
+        seconds = time.monotonic() - sent
+        done = _steps_in(steps_log)
+    finally:
+        job.stop()
+    for unit in ("epoch", "step"):
+        for number in backup_mod.list_backups(str(workdir / "sync" / "backup"), unit):
+            assert backup_mod.verify(str(workdir / "sync" / "backup"), number, unit) is None
+    rerun = Job(cmd, tmp_path / "rerun.log", env=python_env())
+    try:
+        rerun_status = rerun.wait(240)
+    finally:
+        rerun.stop()
+    resumed = _resumed_step(rerun.text())
+    redone = None if resumed is None else done - resumed
+    fault_report(
+        "sigkill-every-10-steps",
+        f"exit {status}; rerun resumed at step {resumed}, exit {rerun_status}",
+        seconds,
+        f"{redone} updates redone (at most 10)",
+        "kill to exit",
+    )
+    assert rerun_status == 0, rerun.text()[-3000:]
+    assert resumed is not None and 0 <= redone <= 10, (resumed, done)
