@@ -237,17 +237,19 @@ def test_two_processes_average_like_one_process(tmp_path, data_dir, mnist1d_spec
         assert a["test_loss"] == pytest.approx(local_run["groups"][0]["test_loss"])  # identical islands
 
 
-def test_averaging_islands_that_codistil_resume_exactly(tmp_path, data_dir, mnist1d_spec):
+def test_averaging_islands_that_codistil_resume_exactly(tmp_path, tmp_path_factory, data_dir, mnist1d_spec):
     """Killed mid-round (H = 25, backups every 62 steps), resumed: the
     outer momentum, the shared weights and the teacher come back."""
     extra = [*CODISTILL, "--exchange=average", "--exchange_every=25", "--alpha=0.5"]
-    run = _kill_and_resume(tmp_path, data_dir, 1, extra, "codistill", 0)
+    run = _kill_and_resume(tmp_path, tmp_path_factory, data_dir, 1, extra, "codistill", 0)
     assert run["exchange"] == "average" and run["outer_steps"] == STEPS // 25
 
 
-def test_averaging_over_horovod_resumes_exactly(tmp_path, data_dir, mnist1d_spec, horovod_installed):
+def test_averaging_over_horovod_resumes_exactly(
+    tmp_path, tmp_path_factory, data_dir, mnist1d_spec, horovod_installed
+):
     extra = [*CODISTILL, "--exchange=average", "--exchange_every=25"]
-    run = _kill_and_resume(tmp_path, data_dir, 2, extra, "codistill", victim=1)
+    run = _kill_and_resume(tmp_path, tmp_path_factory, data_dir, 2, extra, "codistill", victim=1)
     assert run["world_size"] == 2 and run["alpha"] == 0.0
 
 
