@@ -100,7 +100,22 @@ class PeerHealthCheck(keras.callbacks.Callback):
         self.check()
 
 
-class StaleWeightsRefresh(keras.callbacks.Callback):
+class _ExchangeCallback(keras.callbacks.Callback):
+    """A callback that drives `exchange` at the model's optimizer step,
+    starting it when training begins."""
+
+    def __init__(self, exchange):
+        super().__init__()
+        self.exchange = exchange
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        self.exchange.start(self._step())
+
+
+class StaleWeightsRefresh(_ExchangeCallback):
     """Publishes this process's weights and refreshes the stale peer copies.
 
     The stale-weights exchange (`StaleWeightsExchange`) needs it: at the
@@ -113,16 +128,6 @@ class StaleWeightsRefresh(keras.callbacks.Callback):
     Args:
         exchange: the model's `StaleWeightsExchange`.
     """
-
-    def __init__(self, exchange):
-        super().__init__()
-        self.exchange = exchange
-
-    def _step(self) -> int:
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-
-    def on_train_begin(self, logs=None):
-        self.exchange.start(self._step())
 
     def on_train_batch_begin(self, batch, logs=None):
         exchange = self.exchange
@@ -144,7 +149,7 @@ class StaleWeightsRefresh(keras.callbacks.Callback):
         exchange.close()
 
 
-class ParameterAveraging(keras.callbacks.Callback):
+class ParameterAveraging(_ExchangeCallback):
     """Runs the averaging exchange's outer step (`AveragingExchange`).
 
     At the start of training every island takes group 0's weights; after
@@ -154,16 +159,6 @@ class ParameterAveraging(keras.callbacks.Callback):
     Args:
         exchange: the model's `AveragingExchange`.
     """
-
-    def __init__(self, exchange):
-        super().__init__()
-        self.exchange = exchange
-
-    def _step(self) -> int:
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-
-    def on_train_begin(self, logs=None):
-        self.exchange.start(self._step())
 
     def on_train_batch_end(self, batch, logs=None):
         self.exchange.after_step(self._step())

@@ -13,6 +13,16 @@ from tf_codistill import positions, task
 __all__ = ["check_output_shapes", "split_data", "check_fit", "label_checks"]
 
 
+def _require_one_shape(shapes) -> None:
+    """Members' logit shapes per example (None: unknown) must agree."""
+    if len({s for s in shapes if s is not None}) > 1:
+        listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
+        raise ValueError(
+            "All members must produce logits of the same shape; got "
+            f"{listing}. Build every member for the same number of classes."
+        )
+
+
 def check_output_shapes(members) -> None:
     """Members must agree on their logits' shape, with a class axis."""
     shapes = []
@@ -21,13 +31,7 @@ def check_output_shapes(members) -> None:
             shapes.append(tuple(m.outputs[0].shape[1:]) if m.outputs else None)
         except (AttributeError, ValueError):
             shapes.append(None)
-    known = {s for s in shapes if s is not None}
-    if len(known) > 1:
-        listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
-        raise ValueError(
-            "All members must produce logits of the same shape; got "
-            f"{listing}. Build every member for the same number of classes."
-        )
+    _require_one_shape(shapes)
     for i, s in enumerate(shapes):
         if s is not None and len(s) < 1:
             raise ValueError(
@@ -62,10 +66,7 @@ def split_data(x, y, sample_weight, n: int, data_mode: str, split_plain: bool):
 def check_fit(task_loss, ys, logits) -> None:
     """One clear line when the members' outputs disagree in shape or the
     labels do not fit the logits (checked on static shapes, at trace)."""
-    shapes = [tuple(z.shape[1:]) for z in logits]
-    if len(set(shapes)) > 1:
-        listing = ", ".join(f"member {i}: {s}" for i, s in enumerate(shapes))
-        raise ValueError(f"All members must produce logits of the same shape; got {listing}.")
+    _require_one_shape([tuple(z.shape[1:]) for z in logits])
     z, y = logits[0], ys[0]
     if not isinstance(task_loss, task.LABEL_LOSSES) or y is None or y.shape.rank is None:
         return

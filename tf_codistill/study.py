@@ -916,6 +916,27 @@ def _minutes(runs) -> str:
     return f"{_mean(seconds) / 60:.1f}" if seconds else "-"
 
 
+def _comparison_table(items: list[dict], columns: str, scale: float, digits: int) -> list[str]:
+    """The Markdown table of `_comparisons`' items: `columns` names the first
+    two columns; differences and intervals are multiplied by `scale` (100:
+    points) and shown with `digits` decimals."""
+    lines = [
+        f"| {columns} | 95% CI (Welch) | p (two-sided) | expected | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in items:
+        res = item["result"]
+        name = item["name"] if "formula" not in item else f"{item['name']}: {item['formula']}"
+        if res is None:
+            lines.append(f"| {name} | - | - | - | {item['expected'] or '-'} | {item['verdict']} |")
+            continue
+        diff, low, high = (f"{scale * v:+.{digits}f}" for v in (res.diff, res.low, res.high))
+        lines.append(
+            f"| {name} | {diff} | [{low}, {high}] | {res.p:.3f} | {item['expected'] or '-'} | {item['verdict']} |"
+        )
+    return lines
+
+
 def _overfitting(data: _Data) -> list[str]:
     """Language models, one line per sync arm: where its mean validation NLL
     is lowest and how far the last epoch ends above that (the regime: a
@@ -977,20 +998,7 @@ def _nll_lines(study: dict, data: _Data, image_dir: str) -> list[str]:
         items = _comparisons(data, key)
         if not items:
             continue
-        lines += [
-            f"| comparison ({what}) | difference, nats | 95% CI (Welch) | p (two-sided) | expected | verdict |",
-            "|---|---|---|---|---|---|",
-        ]
-        for item in items:
-            res = item["result"]
-            name = item["name"] if "formula" not in item else f"{item['name']}: {item['formula']}"
-            if res is None:
-                lines.append(f"| {name} | - | - | - | {item['expected'] or '-'} | {item['verdict']} |")
-                continue
-            lines.append(
-                f"| {name} | {res.diff:+.4f} | [{res.low:+.4f}, {res.high:+.4f}] | {res.p:.3f} | "
-                f"{item['expected'] or '-'} | {item['verdict']} |"
-            )
+        lines += _comparison_table(items, f"comparison ({what}) | difference, nats", 1, 4)
         lines += ["", _finding(study, items).replace("Finding:", f"Finding ({what}):"), ""]
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
     for base in _reported_arms(study):
@@ -1069,20 +1077,7 @@ def _study_lines(study: dict, data: _Data, image_dir: str, config_shown: str) ->
         ]
     items = _comparisons(data)
     if items:
-        lines += [
-            "| comparison (test accuracy) | difference, points | 95% CI (Welch) | p (two-sided) | expected | verdict |",
-            "|---|---|---|---|---|---|",
-        ]
-        for item in items:
-            res = item["result"]
-            name = item["name"] if "formula" not in item else f"{item['name']}: {item['formula']}"
-            if res is None:
-                lines.append(f"| {name} | - | - | - | {item['expected'] or '-'} | {item['verdict']} |")
-                continue
-            lines.append(
-                f"| {name} | {100 * res.diff:+.2f} | [{100 * res.low:+.2f}, {100 * res.high:+.2f}] | "
-                f"{res.p:.3f} | {item['expected'] or '-'} | {item['verdict']} |"
-            )
+        lines += _comparison_table(items, "comparison (test accuracy) | difference, points", 100, 2)
         lines += ["", _finding(study, items), ""]
     grids = [base for base, labels in data.points.items() if len(labels) > 1]
     if grids:

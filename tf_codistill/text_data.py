@@ -83,12 +83,15 @@ def _texts(name: str, data_dir: str | None) -> dict[str, str]:
     return out
 
 
+def _vocabulary(name: str, data_dir: str | None) -> str:
+    """The training text's characters, sorted: symbol i of the model's output."""
+    return "".join(sorted(set(_texts(name, data_dir)["train"])))
+
+
 @functools.lru_cache(maxsize=16)
 def _ids(name: str, data_dir: str | None, split: str, fraction: float) -> np.ndarray:
-    texts = _texts(name, data_dir)
-    vocabulary = sorted(set(texts["train"]))
-    index = {c: i for i, c in enumerate(vocabulary)}
-    text = texts[split]
+    index = {c: i for i, c in enumerate(_vocabulary(name, data_dir))}
+    text = _texts(name, data_dir)[split]
     if split == "train" and fraction < 1.0:
         text = text[: int(len(text) * fraction)]
     # A character the training text never shows is read as the first symbol.
@@ -103,8 +106,7 @@ def load_spec(name: str, data_dir: str | None, train_fraction: float, context: i
 
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive integer (characters per window), got {context!r}.")
-    texts = _texts(name, data_dir)
-    vocabulary = "".join(sorted(set(texts["train"])))
+    vocabulary = _vocabulary(name, data_dir)
     train = _ids(name, data_dir, "train", train_fraction)
     if len(train) < context + 2:
         raise ValueError(
