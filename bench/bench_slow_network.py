@@ -21,7 +21,7 @@ One worker per host, started as a TFJob-like set of plain processes
 HIDDEN train.py-flags...`, which registers `mlp_wide` and runs train.py as
 __main__, with a cloud TF_CONFIG
 naming the hosts' addresses: the workers make themselves a Horovod job,
-tf_codistill.topology.bootstrap_from_tf_config). Three arms, one after the
+tf_codistill.topology.bootstrap_from_tf_config). Arms one after the
 other, same global batch, same steps, same per-worker batch:
 
 * sync: one group of N workers (MultiWorkerMirroredStrategy across the
@@ -29,7 +29,11 @@ other, same global batch, same steps, same per-worker batch:
 * codistill, predictions: N groups of one worker, logits all-gathered over
   Horovod (Gloo) every step (`--exchange=horovod`);
 * codistill, stale weights: N groups of one worker, flattened weights
-  all-gathered over Horovod every `--exchange_every` steps (default 50).
+  all-gathered over Horovod every `--exchange_every` steps (default 50);
+* diloco / local_sgd (not in the default `--arms`): N groups of one worker
+  that all-reduce their parameter deltas over Horovod every
+  `--exchange_every` steps, with DiLoCo's outer Nesterov step (outer lr 0.7,
+  momentum 0.9) or plain averaging (outer lr 1, no momentum).
 
 Prints steps per second of each arm (from results.json), the bytes each
 worker sends per step as train.py accounts them and as measured on the wire
@@ -442,7 +446,16 @@ ARMS = {  # name: (label, train.py flags, one group per host?)
     "sync": ("sync (MWMS across hosts)", ["--mode=sync"], False),
     "predictions": ("codistill, predictions every step", ["--mode=codistill", "--exchange=horovod"], True),
     "weights": ("codistill, stale weights every {k}", ["--mode=codistill", "--exchange=weights"], True),
+    # Parameter averaging every K steps (issue 24): DiLoCo's outer Nesterov step at its defaults
+    # (outer lr 0.7, momentum 0.9) and plain averaging (local SGD: outer lr 1, no momentum).
+    "diloco": ("DiLoCo, averaging every {k}", ["--mode=codistill", "--exchange=average"], True),
+    "local_sgd": (
+        "local SGD, averaging every {k}",
+        ["--mode=codistill", "--exchange=average", "--outer_lr=1", "--outer_momentum=0"],
+        True,
+    ),
 }
+PERIODIC = ("weights", "diloco", "local_sgd")  # arms that exchange every --exchange_every steps
 
 
 def _pdeathsig():
@@ -504,7 +517,7 @@ class Job:
         ]
         if grouped:
             out.append(f"--num_groups={self.args.hosts}")
-        if self.arm == "weights":
+        if self.arm in PERIODIC:
             out.append(f"--exchange_every={self.args.exchange_every}")
         if self.args.data_dir:
             out.append(f"--data_dir={self.args.data_dir}")
@@ -752,7 +765,12 @@ def parse_args(argv):
     p.add_argument("--data_dir", default=None)
     p.add_argument("--batch_size", type=int, default=64, help="global batch (split over the workers)")
     p.add_argument("--steps", type=int, default=300, help="updates per model in every arm")
-    p.add_argument("--exchange_every", type=int, default=50, help="stale-weights arm: refresh every K steps")
+    p.add_argument(
+        "--exchange_every",
+        type=int,
+        default=50,
+        help="weights, diloco and local_sgd arms: exchange every K steps",
+    )
     p.add_argument("--target_accuracy", type=float, default=0.95, help="test accuracy (mean of groups)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="TF/OpenMP threads per worker")
