@@ -139,7 +139,7 @@ horovod: $(STAMP)
 
 test: $(STAMP) horovod
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests -m "not slow" --durations=20
 
 # Kill, stop, fill the disk, corrupt checkpoints (tests/faults/EXPECTED.md); mounting a tmpfs needs root.
 faults: $(STAMP) horovod
