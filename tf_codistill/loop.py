@@ -201,9 +201,20 @@ class CodistillLoop:
         self.checkpoint_dir = self._per_group(checkpoint_dir)
         self.summary_dir = self._per_group(summary_dir)
         self.is_chief = _is_chief(strategy)
-        self._manager = checkpoints
+        if checkpoints is None and self.checkpoint_dir is not None:
+            # The same atomic, checksummed backups as fit's, one folder per
+            # saved step: weights, optimizer state and the exchange's state
+            # (a stale-weights exchange's peer copies).
+            checkpoints = Backup(
+                self.checkpoint_dir,
+                keep=max_checkpoints,
+                delete_on_finish=False,
+                verbose=self.is_chief,
+                unit="step",
+            )
         if checkpoints is not None and hasattr(checkpoints, "set_model"):
             checkpoints.set_model(model)
+        self._manager = checkpoints
         self._restored = False
         self._saved_step = -1  # the step of the newest checkpoint written or restored
         self._writer = None
@@ -231,26 +242,9 @@ class CodistillLoop:
                 optimizer.build(self.model.trainable_variables)
 
     def _checkpoints(self) -> CheckpointManager | None:
-        """The checkpoint manager: the one given, or the same atomic,
-        checksummed backups as `fit`'s (`tf_codistill.Backup`), one folder
-        per saved step: weights, optimizer state and the exchange's state
-        (a stale-weights exchange's peer copies)."""
-        if self._manager is None and self.checkpoint_dir is not None:
-            self._manager = Backup(
-                self.checkpoint_dir,
-                keep=self.max_checkpoints,
-                delete_on_finish=False,
-                verbose=self.is_chief,
-                unit="step",
-            )
-            self._manager.set_model(self.model)
         if self._manager is not None:
             self._build()  # slot variables must exist before a restore fills them
         return self._manager
-
-    @property
-    def _has_checkpoints(self) -> bool:
-        return self._manager is not None or self.checkpoint_dir is not None
 
     def restore(self) -> int:
         """Restores the newest intact checkpoint, if any (a corrupt newest
@@ -294,7 +288,7 @@ class CodistillLoop:
         Returns:
             The checkpoint path (chief only), or None.
         """
-        if not self._has_checkpoints or self.step == self._saved_step:
+        if self._manager is None or self.step == self._saved_step:
             return None
         return self.save()
 
@@ -395,7 +389,7 @@ class CodistillLoop:
             return {}
         if not log_every:
             self._report(step, steps, logs, writer, echo=False)
-        if self._has_checkpoints and self._saved_step != step:
+        if self._manager is not None and self._saved_step != step:
             self.save(step)
         if writer is not None:
             writer.flush()
