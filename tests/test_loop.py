@@ -1,6 +1,7 @@
 """CodistillLoop: the custom training loop gives what `model.fit` gives."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,15 @@ import tensorflow as tf
 from conftest import HOROVODRUN, horovodrun
 
 from models import build_model
-from tf_codistill import AlphaSchedule, CodistillModel, paper_weight_decay
-from tf_codistill.backup import list_backups
+from tf_codistill import (
+    AlphaSchedule,
+    CodistillModel,
+    PeerFailureError,
+    Preempted,
+    PreemptionHandler,
+    paper_weight_decay,
+)
+from tf_codistill.backup import BackupError, list_backups
 from tf_codistill.loop import CodistillLoop
 
 INPUT = (12,)
@@ -121,16 +129,24 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     CodistillLoop(_model(init), checkpoint_dir=ckpt, checkpoint_every=4).train(_dataset(), 8)
     weights = os.path.join(ckpt, "step-000008", "state.weights.h5")
     assert os.path.exists(weights), os.listdir(ckpt)
-    with open(weights, "r+b") as f:  # flip bytes in the middle of the tensors
-        f.seek(os.path.getsize(f.name) // 2)
-        chunk = f.read(64)
-        f.seek(-len(chunk), os.SEEK_CUR)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    _flip_bytes(weights)
     capsys.readouterr()
     loop = CodistillLoop(_model(init), checkpoint_dir=ckpt)
     assert loop.restore() == 4
     out = capsys.readouterr().out
     assert "WARNING: skipping the backup of step 8" in out and "step-000004 at step 4" in out
+
+    _flip_bytes(os.path.join(ckpt, "step-000004", "state.weights.h5"))
+    with pytest.raises(BackupError, match=r"no backup in .* could be restored \(all corrupt\)"):
+        CodistillLoop(_model(init), checkpoint_dir=ckpt).restore()
+
+
+def _flip_bytes(path):
+    with open(path, "r+b") as f:  # flip bytes in the middle of the tensors
+        f.seek(os.path.getsize(f.name) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def test_uncompiled_model_is_rejected():
@@ -280,3 +296,138 @@ def test_resume_keeps_the_stale_peer_copies(tmp_path):
     CodistillLoop(resumed, checkpoint_dir=ckpt).train(_dataset().skip(6), 10)
     assert resumed.exchange.state_dict().keys() == straight.exchange.state_dict().keys()
     _assert_same(_weights(resumed), _weights(straight), atol=1e-6)
+
+
+# ------------------------------------------------------------------ callbacks
+HOOKS = sorted(name for name in dir(keras.callbacks.Callback) if name.startswith("on_"))
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records every hook Keras's Callback has: (hook, index, logs)."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.calls, self.stop_after = [], stop_after
+        for name in HOOKS:
+            setattr(self, name, self._recording(name))
+
+    def _recording(self, name):
+        def hook(*args, **kwargs):
+            logs = kwargs.get("logs", args[-1] if args and isinstance(args[-1], dict) else None)
+            index = args[0] if args and isinstance(args[0], int) else None
+            self.calls.append((name, index, dict(logs) if logs else None))
+            if name == "on_train_batch_end" and index == self.stop_after:
+                self.model.stop_training = True
+
+        return hook
+
+
+def _sequence(calls):
+    return [(name, index, sorted(logs) if logs else None) for name, index, logs in calls]
+
+
+def test_train_calls_every_hook_fit_calls_in_its_order():
+    steps = 5
+    init = _initial_weights(seed=6)
+    fitted, by_fit = _model(init), _Recorder()
+    fitted.fit(_dataset(), epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[by_fit])
+    looped, by_loop = _model(init), _Recorder()
+    CodistillLoop(looped).train(_dataset(), steps, callbacks=[by_loop])
+
+    assert _sequence(by_loop.calls) == _sequence(by_fit.calls)
+    names = [name for name, _, _ in by_loop.calls]
+    assert names.count("on_train_batch_end") == steps and names[0] == "on_train_begin"
+    assert names[-2:] == ["on_epoch_end", "on_train_end"]
+    for (name, _, got), (_, _, want) in zip(by_loop.calls, by_fit.calls):
+        for key in want or {}:  # the same logs, as Python numbers
+            assert isinstance(got[key], float) and got[key] == pytest.approx(want[key], rel=1e-5), (name, key)
+
+    # A callback stops the loop as it stops fit: after the batch that set model.stop_training.
+    stopped = _model(init)
+    CodistillLoop(stopped).train(_dataset(), steps, callbacks=[_Recorder(stop_after=1)])
+    assert int(stopped.optimizer.iterations.numpy()) == 2
+
+
+def test_a_failing_peer_stops_the_loop_at_the_limit():
+    model = CodistillModel(
+        [build_model("mlp", INPUT, CLASSES, seed=i) for i in range(2)],
+        data_mode="shared",
+        max_bad_peer_steps=3,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    bias = model.members[1].layers[-1].bias
+    bias.assign(np.full(bias.shape, np.nan, "float32"))  # group 1 emits NaN logits from the start
+    with pytest.raises(PeerFailureError, match="group 1 sent NaN or Inf predictions in 3 steps"):
+        CodistillLoop(model).train(_dataset(), 10)
+    assert int(model.optimizer.iterations.numpy()) == 3  # checked at each batch end
+
+
+class _SignalAt(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_the_loop_at_a_saved_step_and_the_rerun_ends_identically(tmp_path):
+    init = _initial_weights(seed=7)
+    straight = _model(init)
+    CodistillLoop(straight).train(_dataset(), 8)
+
+    ckpt = str(tmp_path / "ckpt")
+    loop = CodistillLoop(_model(init), checkpoint_dir=ckpt, checkpoint_every=4)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="SIGTERM received: stopped after step 5") as stopped:
+        loop.train(_dataset(), 8, callbacks=[_SignalAt(5), PreemptionHandler(loop)])
+    assert stopped.value.folder.endswith("step-000005") and signal.getsignal(signal.SIGTERM) == before
+    assert list_backups(ckpt, "step") == [5, 4]
+
+    resumed = _model(init)
+    rerun = CodistillLoop(resumed, checkpoint_dir=ckpt)
+    rerun.train(_dataset().skip(rerun.restore()), 8)
+    _assert_same(_weights(resumed), _weights(straight), atol=0)
+
+
+class _TFCheckpoints:
+    """A checkpoint manager of another kind: TensorFlow's own checkpoints."""
+
+    def __init__(self, model, directory):
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=2)
+        self.calls = []
+
+    def restore(self):
+        self.calls.append("restore")
+        if self.manager.latest_checkpoint is None:
+            return None
+        self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        return int(self.checkpoint.optimizer.iterations.numpy())
+
+    def save(self, step):
+        self.calls.append(f"save {step}")
+        return self.manager.save(checkpoint_number=step)
+
+
+def test_a_checkpoint_manager_of_another_kind(tmp_path):
+    init = _initial_weights(seed=8)
+    straight = _model(init)
+    CodistillLoop(straight).train(_dataset(), 6)
+
+    first = _model(init)
+    manager = _TFCheckpoints(first, str(tmp_path))
+    CodistillLoop(first, checkpoints=manager, checkpoint_every=2).train(_dataset(), 3)
+    assert manager.calls == ["restore", "save 2", "save 3"]
+    resumed = _model(init)
+    resumed.optimizer.build(resumed.trainable_variables)
+    manager = _TFCheckpoints(resumed, str(tmp_path))
+    CodistillLoop(resumed, checkpoints=manager).train(_dataset().skip(3), 6)
+    assert manager.calls == ["restore", "save 6"]
+    _assert_same(_weights(resumed), _weights(straight), atol=0)
+
+    with pytest.raises(ValueError, match="checkpoint_dir or checkpoints"):
+        CodistillLoop(resumed, checkpoint_dir=str(tmp_path), checkpoints=manager)
+    with pytest.raises(TypeError, match=r"checkpoints must have restore\(\) and save\(step\)"):
+        CodistillLoop(resumed, checkpoints=str(tmp_path))

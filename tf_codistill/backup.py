@@ -182,12 +182,13 @@ class Backup(keras.callbacks.Callback):
             keeps them until its results are written and calls `remove`.
         verbose: print what was restored or skipped.
         unit: ``"epoch"`` (folders `epoch-N`, saved by `fit` at epoch ends) or
-            ``"step"`` (folders `step-N`: `CodistillLoop` saves with `save(step)`).
+            ``"step"`` (folders `step-N`: a loop such as `CodistillLoop`
+            calls `restore()` and `save(step)` itself).
         every_steps: `fit` also writes a backup between two steps of an epoch
             whenever the update count is a multiple of this (folders
             `step-S`); None or 0: at epoch ends only.
 
-    After `on_train_begin`: `restored_epoch` (the epochs completed in the
+    After `on_train_begin` (or `restore()`): `restored_epoch` (the epochs completed in the
     restored backup; None when starting afresh), `restored_step`,
     `restored_history` (the per-epoch logs of the epochs before it, as
     `History.history`), `restored_extra`.
@@ -240,6 +241,7 @@ class Backup(keras.callbacks.Callback):
         self._metric_values: list | None = None
         self._shortened = None  # (epoch iterator, its steps_per_epoch) while the first epoch is short
         self._saved_step = -1
+        self._usable: list[int] = []  # steps of the intact backups found at the last restore
 
     # ------------------------------------------------------------- helpers
     def _say(self, message: str) -> None:
@@ -346,7 +348,7 @@ class Backup(keras.callbacks.Callback):
             self._clean_temporaries()
             self.check_writable()
             intact = self.intact_steps()
-            steps = sorted(intact, reverse=True)
+            steps = self._usable = sorted(intact, reverse=True)
             chosen = self.agree(steps) if self.agree is not None else (steps[0] if steps else None)
             if chosen is None:
                 if steps:
@@ -382,19 +384,61 @@ class Backup(keras.callbacks.Callback):
         return step or 0
 
     def on_train_begin(self, logs=None):
-        chosen, name, meta = self._chosen()
-        self._plan = None  # a later fit looks again
-        self.restored_epoch = None
-        self._epoch, self._epoch_batches, self._resume_batches = 0, 0, 0
-        self._metric_values, self._shortened, self._saved_step = None, None, -1
+        plan = self._take_plan()
         if self.every_steps and getattr(self.model, "steps_per_execution", 1) != 1:
             raise ValueError(
                 f"Backup every_steps={self.every_steps} writes backups between steps, which needs "
                 f"steps_per_execution=1 (it is {self.model.steps_per_execution})."
             )
+        what = self._load(*plan)
+        if what is None:
+            return
+        self.model._initial_epoch = self.restored_epoch  # where fit's epoch loop starts
+        if self._resume_batches:
+            where = f"batch {self._resume_batches} of epoch {self.restored_epoch + 1}"
+        else:
+            where = f"step {self.restored_step}"
+        self._say(f"resumed from {what} ({where}) in {self.directory}")
+
+    def restore(self) -> int | None:
+        """Restores the newest intact backup now, as `fit` does when it
+        starts: the checkpoint-manager half of a loop that is not `fit`
+        (`CodistillLoop` calls it, with `unit="step"`).
+
+        Returns:
+            The step (`optimizer.iterations`) restored; None when there is no
+            backup to resume from.
+
+        Raises:
+            BackupError: backups exist but none passes its checksum, or one
+                does not fit the model.
+        """
+        plan = self._take_plan()
+        if self._load(*plan) is None:
+            if not self._usable and self._complete():
+                raise BackupError(
+                    f"no backup in {self.directory} could be restored (all corrupt); move the "
+                    "directory away to start afresh."
+                )
+            return None
+        self._say(f"restored {self._path(self.restored_epoch)} at step {self.restored_step}")
+        return self.restored_step
+
+    def _take_plan(self) -> tuple:
+        plan = self._chosen()
+        self._plan = None  # a later fit looks again
+        self.restored_epoch = None
+        self._epoch, self._epoch_batches, self._resume_batches = 0, 0, 0
+        self._metric_values, self._shortened, self._saved_step = None, None, -1
+        return plan
+
+    def _load(self, chosen: int | None, name: str | None, meta: dict) -> str | None:
+        """Loads the backup `_chosen` picked into the model (weights,
+        optimizer, exchange state) and sets the `restored_*` fields.
+        Returns what was restored (e.g. "epoch 3"), or None (nothing)."""
         if chosen is None:
             self.history = {}
-            return
+            return None
         model = self.model
         folder = files.join(self.directory, name)
         if model.optimizer is not None and not model.optimizer.built:
@@ -432,12 +476,7 @@ class Backup(keras.callbacks.Callback):
         self.restored_extra = dict(meta.get("extra", {}))
         self.history = {k: list(v) for k, v in self.restored_history.items()}
         self._saved_step = self.restored_step
-        model._initial_epoch = self.restored_epoch
-        if self._resume_batches:
-            where = f"batch {self._resume_batches} of epoch {self.restored_epoch + 1}"
-        else:
-            where = f"step {self.restored_step}"
-        self._say(f"resumed from {what} ({where}) in {self.directory}")
+        return what
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_batches = epoch, 0
@@ -587,7 +626,13 @@ class Backup(keras.callbacks.Callback):
     def save(self, epoch: int, epoch_step: int = 0) -> str:
         """Writes the backup of the state after `epoch` epochs (and
         `epoch_step` batches of the next: a mid-epoch backup, folder
-        `step-S`), atomically."""
+        `step-S`), atomically. With `unit="step"`, `save(step)` writes the
+        folder `step-N` of that step: the other half, with `restore()`, of
+        the checkpoint manager `CodistillLoop` takes.
+
+        Returns:
+            The folder written.
+        """
         begin = time.perf_counter()
         if epoch_step:
             unit, number = "step", self._step()

@@ -1,23 +1,18 @@
-"""The callbacks a codistillation training loop runs between steps.
+"""The callbacks a codistillation training loop runs between steps, and the
+one driver that runs them outside `fit`.
 
 `CodistillModel.fit` adds the ones a model needs by itself, so most users
-never name them. A custom loop (or `CodistillLoop`) gets them from
-`training_callbacks(model)` and calls `on_train_begin`,
-`on_train_batch_begin`, `on_train_batch_end` and `on_train_end` around its
-steps, as `fit` does::
+never name them. `train_on_batch` and `CodistillLoop` run them, with any
+callbacks of their caller, through `CallbackDriver`, which calls the hooks
+Keras's `fit` calls, in its order; a custom loop uses it the same way::
 
-    hooks = tf_codistill.callbacks.training_callbacks(model)
-    for hook in hooks:
-        hook.set_model(model)
-        hook.on_train_begin()
-    for step, batch in enumerate(dataset):
-        for hook in hooks:
-            hook.on_train_batch_begin(step)
-        logs = model.train_on_batch(*batch, return_dict=True)   # or your own step
-        for hook in hooks:
-            hook.on_train_batch_end(step, logs)
-    for hook in hooks:
-        hook.on_train_end()
+    driver = tf_codistill.callbacks.CallbackDriver(model, [my_callback])
+    driver.begin()                      # on_train_begin, reset metrics, on_epoch_begin(0)
+    for batch in dataset:
+        logs = driver.step(lambda: model.train_on_batch(*batch, return_dict=True))
+        if model.stop_training:
+            break
+    driver.end()                        # on_epoch_end(0, logs), on_train_end(logs)
 
 Passing one of them to `fit` yourself is allowed: `fit` then does not add a
 second one of the same kind (for the same exchange).
@@ -34,6 +29,7 @@ import keras
 import numpy as np
 
 __all__ = [
+    "CallbackDriver",
     "ParameterAveraging",
     "PeerFailureError",
     "PeerHealthCheck",
@@ -91,10 +87,6 @@ class PeerHealthCheck(keras.callbacks.Callback):
                 f"Group {worst} has diverged: check its learning rate and inputs, or restart it "
                 "from its last checkpoint."
             )
-
-    def on_train_batch_begin(self, batch, logs=None):
-        # Also here: a loop that runs only the begin hooks still stops.
-        self.check()
 
     def on_train_batch_end(self, batch, logs=None):
         self.check()
@@ -190,10 +182,68 @@ def training_callbacks(model, callbacks: Sequence[keras.callbacks.Callback] | No
     return [c for c in needed if not any(_same_kind(c, g) for g in given)]
 
 
+class CallbackDriver:
+    """Runs callbacks around training steps the way `model.fit` runs them.
+
+    One driver stands for one `fit` call of one epoch: `begin()` calls
+    `on_train_begin`, resets the model's metrics and calls
+    `on_epoch_begin(0)`; each `step(run)` calls `on_train_batch_begin`,
+    `run()` and `on_train_batch_end` with its logs; `end()` calls
+    `on_epoch_end(0, logs)` and `on_train_end(logs)` with the last step's
+    logs. The hooks go through a `keras.callbacks.CallbackList`, as in `fit`
+    (logs reach the callbacks as Python numbers). `begin()` clears
+    `model.stop_training`, as `fit` does; a loop reads it after each step.
+
+    Args:
+        model: the model the callbacks are bound to.
+        callbacks: the caller's callbacks; the ones `training_callbacks`
+            adds (the exchange's, the peer-health check) run after them.
+        steps: the steps the loop means to run (`params["steps"]` of the
+            callbacks), or None.
+    """
+
+    def __init__(self, model, callbacks: Sequence[keras.callbacks.Callback] | None = None, steps=None):
+        given = list(callbacks or [])
+        self.model = model
+        self.callbacks = keras.callbacks.CallbackList(
+            given + training_callbacks(model, given), model=model, verbose=0, epochs=1, steps=steps
+        )
+        self.batch = 0  # steps run since begin()
+        self.logs: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.callbacks.callbacks)
+
+    def begin(self) -> None:
+        self.model.stop_training = False
+        self.callbacks.on_train_begin()
+        self.model.reset_metrics()
+        self.callbacks.on_epoch_begin(0)
+
+    def step(self, run):
+        """Calls `run()` (one training step) between the batch hooks.
+
+        Returns:
+            What `run()` returned; the batch-end hooks get it when it is a
+            dict of logs.
+        """
+        self.callbacks.on_train_batch_begin(self.batch)
+        result = run()
+        self.logs = result if isinstance(result, dict) else {}
+        self.callbacks.on_train_batch_end(self.batch, self.logs or None)
+        self.batch += 1
+        return result
+
+    def end(self) -> None:
+        self.callbacks.on_epoch_end(0, self.logs)
+        self.callbacks.on_train_end(self.logs)
+
+
 class TrainingHooksMixin:
     """Runs `training_callbacks` wherever a Keras model trains: `fit` adds
-    the ones the caller lacks, `train_on_batch` runs them around each call
-    (`CodistillModel` takes this mixin; `CodistillLoop` runs `training_hooks()`)."""
+    the ones the caller lacks, `train_on_batch` runs them through a
+    `CallbackDriver` (`CodistillModel` takes this mixin; `CodistillLoop`
+    runs its own driver)."""
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus the callbacks of `training_callbacks`
@@ -212,32 +262,28 @@ class TrainingHooksMixin:
         `every` steps), and a `PeerFailureError` stops it as it stops `fit`.
         A later `fit` (or `finish_batch_training()`) ends them, which
         publishes the final weights of a shared-directory exchange."""
+        train = super().train_on_batch
         if self._batch_hooks is None:
-            hooks = training_callbacks(self)
-            for hook in hooks:
-                hook.set_model(self)
-                hook.on_train_begin()
-            self._batch_hooks = hooks
-        step = int(keras.ops.convert_to_numpy(self.optimizer.iterations)) if self.optimizer is not None else 0
-        for hook in self._batch_hooks:
-            hook.on_train_batch_begin(step)
-        logs = super().train_on_batch(*args, **kwargs)
-        for hook in self._batch_hooks:
-            hook.on_train_batch_end(step, logs if isinstance(logs, dict) else None)
-        return logs
+            driver = CallbackDriver(self)
+            if not driver:  # nothing to run: no hook, no thread pool
+                return train(*args, **kwargs)
+            driver.begin()
+            self._batch_hooks = driver
+        return self._batch_hooks.step(lambda: train(*args, **kwargs))
 
     def finish_batch_training(self) -> None:
-        """Ends the callbacks `train_on_batch` started (their `on_train_end`:
-        final publish, transport closed). Calling it again does nothing."""
+        """Ends the callbacks `train_on_batch` started (their `on_epoch_end`
+        and `on_train_end`: final publish, transport closed). Calling it
+        again does nothing."""
         self._end_batch_hooks()
 
     def _end_batch_hooks(self) -> None:
-        hooks, self._batch_hooks = self._batch_hooks, None
-        for hook in hooks or []:
-            hook.on_train_end()
+        driver, self._batch_hooks = self._batch_hooks, None
+        if driver is not None:
+            driver.end()
 
     def training_hooks(self) -> list:
         """New instances of the callbacks every training loop must run:
-        `tf_codistill.callbacks.training_callbacks(self)` (`fit` and
-        `train_on_batch` add them themselves; `CodistillLoop` runs them)."""
+        `tf_codistill.callbacks.training_callbacks(self)` (`fit`,
+        `train_on_batch` and `CodistillLoop` add them themselves)."""
         return training_callbacks(self)

@@ -12,6 +12,16 @@ the exchange and the metrics are therefore exactly those of `model.fit`::
     logs = loop.train(train_ds, steps=10_000, log_every=100)   # resumes from "ckpt"
     print(loop.evaluate(test_ds))
 
+Callbacks run as under `fit`: `train(..., callbacks=[...])` calls every
+training hook `fit` calls, in its order (`tf_codistill.callbacks.CallbackDriver`),
+after adding the ones the model needs (the exchange's, the peer-health check).
+`PreemptionHandler(loop)` stops at one agreed step on SIGTERM and saves it::
+
+    try:
+        loop.train(train_ds.skip(loop.restore()), 10_000, callbacks=[tf_codistill.PreemptionHandler(loop)])
+    except tf_codistill.Preempted:
+        sys.exit(143)   # the same command resumes at that step
+
 `steps` counts optimizer updates in total (`model.optimizer.iterations`), so a
 rerun with the same `checkpoint_dir` restores the latest checkpoint and trains
 only the remaining steps; learning-rate, alpha and weight-decay schedules
@@ -23,16 +33,34 @@ dataset whose order does not matter).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
+import keras
 import tensorflow as tf
 
-from tf_codistill.backup import Backup, list_backups
+from tf_codistill.backup import Backup
+from tf_codistill.callbacks import CallbackDriver
 from tf_codistill.checks import check_int
 from tf_codistill.model import CodistillModel
 
-__all__ = ["CodistillLoop", "reduce_logs"]
+__all__ = ["CheckpointManager", "CodistillLoop", "reduce_logs"]
+
+
+@runtime_checkable
+class CheckpointManager(Protocol):
+    """What `CodistillLoop` needs of its checkpoints: `tf_codistill.Backup`
+    (with `unit="step"`) is one; any object with these two methods is another."""
+
+    def restore(self) -> int | None:
+        """Restores the newest usable checkpoint into the model; returns its
+        step, or None when there is none."""
+
+    def save(self, step: int) -> str | None:
+        """Writes a checkpoint of the model's state at `step`; returns where."""
 
 
 def _reduce_value(strategy: tf.distribute.Strategy, value):
@@ -70,12 +98,6 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
-def _task_id(strategy: tf.distribute.Strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_id = getattr(resolver, "task_id", None)
-    return int(task_id) if task_id is not None else 0
-
-
 def _format_logs(logs: dict[str, float]) -> str:
     return " ".join(f"{name}={value:.4f}" for name, value in logs.items())
 
@@ -99,7 +121,9 @@ class CodistillLoop:
     `step-N` folder per save): written whole or not at all, checksummed (a
     corrupt newest one is skipped with a warning), and they hold the
     exchange's state too, so a stale-weights exchange resumes with the peer
-    copies it had.
+    copies it had. The loop uses them only through `restore()` and
+    `save(step)` (`CheckpointManager`), so `checkpoints=` takes another
+    implementation.
 
     Args:
         model: a compiled `CodistillModel`, created under `strategy.scope()`
@@ -114,10 +138,16 @@ class CodistillLoop:
         max_checkpoints: how many checkpoints to keep.
         checkpoint_every: save every this many steps; 0 saves only at the end
             of `train`.
+        checkpoints: instead of `checkpoint_dir`, a `CheckpointManager`
+            (bound to the model: the loop calls its `set_model` if it has
+            one); under a multi-worker strategy the loop calls `save` on the
+            chief only and `restore` on every worker.
 
     Raises:
         ValueError: the model is not a compiled `CodistillModel`, it was
-            created under another strategy, or a count is negative.
+            created under another strategy, a count is negative, or both
+            `checkpoint_dir` and `checkpoints` are given.
+        TypeError: `checkpoints` lacks `restore()` or `save(step)`.
     """
 
     def __init__(
@@ -128,6 +158,7 @@ class CodistillLoop:
         summary_dir: str | None = None,
         max_checkpoints: int = 3,
         checkpoint_every: int = 0,
+        checkpoints: CheckpointManager | None = None,
     ):
         if not isinstance(model, CodistillModel):
             raise ValueError(f"CodistillLoop trains a CodistillModel; got {type(model).__name__}.")
@@ -139,6 +170,13 @@ class CodistillLoop:
             )
         check_int("max_checkpoints", max_checkpoints, 1)
         check_int("checkpoint_every", checkpoint_every, 0)
+        if checkpoints is not None and checkpoint_dir is not None:
+            raise ValueError("give checkpoint_dir or checkpoints (a checkpoint manager), not both.")
+        if checkpoints is not None and not isinstance(checkpoints, CheckpointManager):
+            raise TypeError(
+                f"checkpoints must have restore() and save(step) methods (a CheckpointManager, e.g. "
+                f"tf_codistill.Backup(dir, unit='step')); got {type(checkpoints).__name__}."
+            )
         for name, directory in (("checkpoint_dir", checkpoint_dir), ("summary_dir", summary_dir)):
             if directory is not None and os.path.isfile(directory):
                 raise ValueError(f"{name}={directory} is an existing file; give a directory.")
@@ -163,8 +201,22 @@ class CodistillLoop:
         self.checkpoint_dir = self._per_group(checkpoint_dir)
         self.summary_dir = self._per_group(summary_dir)
         self.is_chief = _is_chief(strategy)
-        self._backup = None
+        if checkpoints is None and self.checkpoint_dir is not None:
+            # The same atomic, checksummed backups as fit's, one folder per
+            # saved step: weights, optimizer state and the exchange's state
+            # (a stale-weights exchange's peer copies).
+            checkpoints = Backup(
+                self.checkpoint_dir,
+                keep=max_checkpoints,
+                delete_on_finish=False,
+                verbose=self.is_chief,
+                unit="step",
+            )
+        if checkpoints is not None and hasattr(checkpoints, "set_model"):
+            checkpoints.set_model(model)
+        self._manager = checkpoints
         self._restored = False
+        self._saved_step = -1  # the step of the newest checkpoint written or restored
         self._writer = None
         self._train_fn = None
         self._test_fn = None
@@ -189,30 +241,17 @@ class CodistillLoop:
             with self.strategy.scope():
                 optimizer.build(self.model.trainable_variables)
 
-    def _checkpoints(self) -> Backup | None:
-        """The same atomic, checksummed backups as `fit`'s (`tf_codistill.Backup`),
-        one folder per saved step: weights, optimizer state and the exchange's
-        state (a stale-weights exchange's peer copies)."""
-        if self.checkpoint_dir is None:
-            return None
-        if self._backup is None:
+    def _checkpoints(self) -> CheckpointManager | None:
+        if self._manager is not None:
             self._build()  # slot variables must exist before a restore fills them
-            self._backup = Backup(
-                self.checkpoint_dir,
-                keep=self.max_checkpoints,
-                delete_on_finish=False,
-                verbose=False,
-                unit="step",
-            )
-            self._backup.set_model(self.model)
-        return self._backup
+        return self._manager
 
     def restore(self) -> int:
-        """Restores the newest intact checkpoint in `checkpoint_dir`, if any
-        (a corrupt newest one is skipped with a warning).
+        """Restores the newest intact checkpoint, if any (a corrupt newest
+        one is skipped with a warning).
 
         `train` calls it once per loop; call it yourself to evaluate a
-        checkpoint without training.
+        checkpoint without training, or to learn how many batches to skip.
 
         Returns:
             The restored step (`optimizer.iterations`); the current step when
@@ -221,20 +260,10 @@ class CodistillLoop:
         Raises:
             RuntimeError: checkpoints exist but none could be restored.
         """
-        backup = self._checkpoints()
+        manager = self._checkpoints()
         self._restored = True
-        if backup is None:
-            return self.step
-        backup.on_train_begin()
-        if backup.restored_epoch is None:
-            if list_backups(self.checkpoint_dir, "step"):
-                raise RuntimeError(
-                    f"no checkpoint in {self.checkpoint_dir} could be restored (all corrupt); move the "
-                    "directory away to start afresh."
-                )
-            return self.step
-        if self.is_chief:
-            print(f"restored {backup._path(backup.restored_epoch)} at step {self.step}", flush=True)
+        if manager is not None and manager.restore() is not None:
+            self._saved_step = self.step
         return self.step
 
     def save(self, step: int | None = None) -> str | None:
@@ -245,10 +274,23 @@ class CodistillLoop:
         Returns:
             The checkpoint path on the chief, else `None`.
         """
-        backup = self._checkpoints()
-        if backup is None or not self.is_chief:
+        manager = self._checkpoints()
+        step = self.step if step is None else step
+        self._saved_step = step
+        if manager is None or not self.is_chief:
             return None
-        return backup.save(self.step if step is None else step)
+        return manager.save(step)
+
+    def save_now(self) -> str | None:
+        """Saves the current step unless the newest checkpoint holds it; what
+        `tf_codistill.PreemptionHandler(loop)` calls when it stops on a signal.
+
+        Returns:
+            The checkpoint path (chief only), or None.
+        """
+        if self._manager is None or self.step == self._saved_step:
+            return None
+        return self.save()
 
     def _summary_writer(self):
         if self.summary_dir is None or not self.is_chief:
@@ -277,11 +319,18 @@ class CodistillLoop:
         return tf.function(run, jit_compile=False, autograph=False, reduce_retracing=True)
 
     # ------------------------------------------------------------------ train
-    def train(self, dataset, steps: int, log_every: int = 0) -> dict[str, float]:
+    def train(
+        self,
+        dataset,
+        steps: int,
+        log_every: int = 0,
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    ) -> dict[str, float]:
         """Trains until `model.optimizer.iterations` reaches `steps`.
 
         Restores the latest checkpoint first (once per loop), so a rerun
-        resumes. Resets the model's metrics.
+        resumes. Resets the model's metrics. Stops early when a callback
+        sets `model.stop_training`, as `fit` does.
 
         Args:
             dataset: a `tf.data.Dataset` of batches (distributed with the
@@ -290,6 +339,9 @@ class CodistillLoop:
             steps: total number of optimizer updates to reach.
             log_every: every this many steps print a progress line and write
                 summaries; 0 only writes summaries at the end.
+            callbacks: Keras callbacks; they, and the ones the model needs,
+                get every training hook `fit` calls, in its order (one epoch
+                per call, its batches numbered from 0).
 
         Returns:
             The logs of the last step (running means over this call), as
@@ -308,20 +360,14 @@ class CodistillLoop:
                 print(f"already at step {start} of {steps}; nothing to train", flush=True)
             return {}
         self._build()
-        self.model.reset_metrics()
         if self._train_fn is None:
             self._train_fn = self._step_function(self.model.train_step)
         iterator = iter(self._distribute(dataset))
         writer = self._summary_writer()
-        logs, last_saved = {}, start
         step = start
-        # The exchange's hooks (e.g. refreshing stale peer copies) run here as
-        # they do under fit.
-        hooks = self.model.training_hooks()
-        for hook in hooks:
-            hook.set_model(self.model)
-            hook.on_train_begin()
-        while step < steps:
+        driver = CallbackDriver(self.model, callbacks, steps=steps - start)
+        driver.begin()
+        while step < steps and not self.model.stop_training:
             try:
                 batch = next(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
@@ -331,24 +377,19 @@ class CodistillLoop:
                     stacklevel=2,
                 )
                 break
-            for hook in hooks:
-                hook.on_train_batch_begin(step - start)
-            logs = self._train_fn(batch)
+            driver.step(functools.partial(self._train_fn, batch))
             step += 1
-            for hook in hooks:  # e.g. the averaging exchange's outer step, before a checkpoint
-                hook.on_train_batch_end(step - start - 1, logs)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
                 self.save(step)
-                last_saved = step
             if log_every and (step % log_every == 0 or step == steps):
-                self._report(step, steps, logs, writer)
-        for hook in hooks:
-            hook.on_train_end()
+                self._report(step, steps, driver.logs, writer)
+        driver.end()
+        logs = driver.logs
         if step == start:
             return {}
         if not log_every:
             self._report(step, steps, logs, writer, echo=False)
-        if self.checkpoint_dir is not None and last_saved != step:
+        if self._manager is not None and self._saved_step != step:
             self.save(step)
         if writer is not None:
             writer.flush()

@@ -81,15 +81,16 @@ class Preempted(Exception):
 
 
 class PreemptionHandler(keras.callbacks.Callback):
-    """Stops `fit` at one step every process agrees on after SIGTERM/SIGINT.
+    """Stops `fit` or `CodistillLoop.train` at one agreed step after SIGTERM/SIGINT.
 
     Put it after every callback that writes per-step logs: the backup is
     written at the start of a step, once every callback has seen the end of
     the one before.
 
     Args:
-        backup: the run's `Backup`; its `save_now()` writes the step. None:
-            stop without a backup.
+        backup: what writes the step, through its `save_now()`: the run's
+            `Backup` under `fit`, the `CodistillLoop` under its `train`.
+            None: stop without a backup.
         agree: for jobs of several processes: `agree(values) -> values` takes
             a list of non-negative ints and returns their element-wise
             maximum over every process, called by all at once
