@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, python_env
 
 from tf_codistill import stats, study
+from tf_codistill.study import execute, spec
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "study_report")
 
@@ -225,18 +226,18 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
 
 def test_a_run_shared_by_two_studies_is_found(tmp_path):
     settings = {"mode": "sync", "steps": 8740, "seed": 0, "workdir": "a", "verbose": 2}
-    key = study._run_key(settings)
-    assert key == study._run_key({**settings, "workdir": "b", "verbose": 0})
-    assert key != study._run_key({**settings, "steps": 13110})
-    assert key == study._run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
+    key = execute.run_key(settings)
+    assert key == execute.run_key({**settings, "workdir": "b", "verbose": 0})
+    assert key != execute.run_key({**settings, "steps": 13110})
+    assert key == execute.run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
     done = tmp_path / "out" / "schedules" / "sync_step" / "seed0"
     done.mkdir(parents=True)
     (done / "study_run.json").write_text(json.dumps({"seconds": 60.0, "key": key}))
     mine = str(tmp_path / "out" / "groups" / "sync" / "seed0")
-    assert study._find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
+    assert execute.find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
     (done / "results.json").write_text("{}")
-    assert study._find_same_run(str(tmp_path / "out"), key, mine) == str(done)
-    assert study._find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
+    assert execute.find_same_run(str(tmp_path / "out"), key, mine) == str(done)
+    assert execute.find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
 
 
 def test_every_committed_study_arm_is_a_valid_train_config():
@@ -251,10 +252,12 @@ def test_every_committed_study_arm_is_a_valid_train_config():
     paths += [os.path.join(experiments, "shakespeare", "shakespeare.toml")]
     checked = 0
     for path in paths:
-        spec = study.load_study(path)
-        assert len(spec["seeds"]) >= 3 and open(path).readline().startswith("# python -m tf_codistill.study")
-        for arm in spec["arms"]:
-            settings = {**spec["common"], **study._train_settings(arm), "seed": max(spec["seeds"])}
+        loaded = study.load_study(path)
+        assert len(loaded["seeds"]) >= 3 and open(path).readline().startswith(
+            "# python -m tf_codistill.study"
+        )
+        for arm in loaded["arms"]:
+            settings = {**loaded["common"], **spec.train_settings(arm), "seed": max(loaded["seeds"])}
             train = config.TrainConfig(**settings)
             train.validate()
             assert train.check_run_length(int(train_examples[train.dataset] * train.train_fraction)) == []
