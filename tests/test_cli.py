@@ -69,6 +69,29 @@ def test_help_is_fast_and_lists_every_setting():
     assert seconds < 5.0, f"train.py --help took {seconds:.1f} s"  # 0.2 s on 2 idle cores
 
 
+def test_the_program_runs_as_a_module_from_any_directory(tmp_path):
+    """`python -m tf_codistill.train` (how the study runner starts runs) is the
+    same program as `python train.py`: same flags, same one-line errors."""
+    env = python_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, "-m", "tf_codistill.train", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "--workdir:" in helped.stdout and "<sync|codistill|both>" in helped.stdout
+    wrong = run("--batch_size=0")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("train.py: error: "), wrong.stderr[-2000:]
+
+
 def test_config_and_flags_load_no_tensorflow():
     code = (
         "import sys, time; t = time.perf_counter()\n"

@@ -130,7 +130,7 @@ def test_every_flag_named_in_the_docs_exists(train_flags):
     tools script, or one of the external tools the docs show (horovodrun, pip, tensorboard)."""
     ours = set(train_flags) | _argparse_flags(
         REPO / "tf_codistill" / "launch.py",
-        REPO / "tf_codistill" / "study.py",
+        REPO / "tf_codistill" / "study" / "__main__.py",
         *(REPO / "bench").glob("*.py"),
         *(REPO / "tools").glob("*.py"),
         *(REPO / "examples").glob("*.py"),
@@ -587,19 +587,20 @@ def test_exit_statuses_in_operations_md_are_the_code_s():
 
 def test_the_readme_demo_table_has_the_rows_train_py_prints():
     from tf_codistill.report import format_table
+    from tf_codistill.results import RunResult
 
     run = {
         "arm": "sync",
         "num_groups": 1,
         "batch_size_per_group": 128,
         "steps": 1,
-        "groups": [{"test_accuracy": 0.5, "test_loss": 1.0, "train_loss": 1.0}],
+        "groups": [{"group": 0, "test_accuracy": 0.5, "test_loss": 1.0, "train_loss": 1.0}],
         "ensemble_test_accuracy": None,
         "bytes_equivalent_per_step": 1,
         "examples_per_second": 1,
         "wall_seconds": 1.0,
     }
-    printed = [line.split("  ")[0] for line in format_table([run]).splitlines()[2:]]
+    printed = [line.split("  ")[0] for line in format_table([RunResult.from_dict(run)]).splitlines()[2:]]
     block = README.read_text().split("prints a table like this one", 1)[1].split("```")[1]
     quoted = [line.split("  ")[0] for line in block.strip().splitlines()[2:]]
     assert quoted == printed

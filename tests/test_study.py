@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, python_env
 
 from tf_codistill import stats, study
+from tf_codistill.study import execute, spec
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "study_report")
 
@@ -58,10 +59,12 @@ def _study(config, out, *extra, cwd=REPO):
 
 
 def test_smoke_study_runs_resumes_and_reports(tmp_path, data_dir, mnist1d_spec):
+    """Run from outside the repository (runs are `python -m tf_codistill.train`,
+    --out relative to the caller's directory)."""
     config = tmp_path / "smoke.toml"
     config.write_text(SMOKE.format(data_dir=data_dir))
     out = tmp_path / "out"
-    first = _study(config, out)
+    first = _study(config, "out", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("done in") == 2
     report = (out / "REPORT.md").read_text()
@@ -81,11 +84,12 @@ def test_smoke_study_runs_resumes_and_reports(tmp_path, data_dir, mnist1d_spec):
     }
     assert (out / "smoke" / "curves.png").stat().st_size > 10_000
     assert (out / "smoke" / "REPORT.md").read_text() in report.replace("(smoke/curves.png)", "(curves.png)")
-    again = _study(config, out)  # resumes: nothing left to run
+    assert "[sync] 1 group(s) x batch 64" in (out / "smoke" / "sync" / "seed0" / "train.log").read_text()
+    again = _study(config, "out", cwd=tmp_path)  # resumes: nothing left to run
     assert again.returncode == 0 and "done in" not in again.stdout
     assert (out / "REPORT.md").read_text() == report
     shutil.rmtree(out / "smoke" / "sync")  # the run folders are not needed to rebuild the report
-    rebuilt = _study(config, out, "--report_only", "--no_plots")
+    rebuilt = _study(config, "out", "--report_only", "--no_plots", cwd=tmp_path)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (out / "REPORT.md").read_text() == report
 
@@ -225,18 +229,42 @@ def test_report_only_without_runs_is_a_clear_error(tmp_path):
 
 def test_a_run_shared_by_two_studies_is_found(tmp_path):
     settings = {"mode": "sync", "steps": 8740, "seed": 0, "workdir": "a", "verbose": 2}
-    key = study._run_key(settings)
-    assert key == study._run_key({**settings, "workdir": "b", "verbose": 0})
-    assert key != study._run_key({**settings, "steps": 13110})
-    assert key == study._run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
+    key = execute.run_key(settings)
+    assert key == execute.run_key({**settings, "workdir": "b", "verbose": 0})
+    assert key != execute.run_key({**settings, "steps": 13110})
+    assert key == execute.run_key({**settings, "lr_schedule": "step", "alpha": 1})  # defaults, 1 == 1.0
     done = tmp_path / "out" / "schedules" / "sync_step" / "seed0"
     done.mkdir(parents=True)
     (done / "study_run.json").write_text(json.dumps({"seconds": 60.0, "key": key}))
     mine = str(tmp_path / "out" / "groups" / "sync" / "seed0")
-    assert study._find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
+    assert execute.find_same_run(str(tmp_path / "out"), key, mine) is None  # no results.json: unfinished
     (done / "results.json").write_text("{}")
-    assert study._find_same_run(str(tmp_path / "out"), key, mine) == str(done)
-    assert study._find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
+    assert execute.find_same_run(str(tmp_path / "out"), key, mine) == str(done)
+    assert execute.find_same_run(str(tmp_path / "out"), key, str(done)) is None  # not itself
+
+
+def test_collect_takes_updates_per_epoch_from_results_json(tmp_path):
+    """curves.csv's updates come from results.json's steps_per_epoch (a run cut
+    mid-epoch ends at its last update); a file written before it was recorded
+    assumes whole epochs."""
+    path = tmp_path / "c.toml"
+    path.write_text('name = "c"\nseeds = [0, 1]\n[[arms]]\nlabel = "sync"\nmode = "sync"\n')
+    loaded = study.load_study(str(path))
+    history = {"val_accuracy": [0.3, 0.5, 0.6, 0.7], "task_loss": [2.0, 1.5, 1.2, 1.1]}
+    for seed, per_epoch in ((0, 10), (1, None)):
+        workdir = tmp_path / "out" / "c" / "sync" / f"seed{seed}"
+        (workdir / "sync").mkdir(parents=True)
+        (workdir / "sync" / "history.json").write_text(json.dumps(history))
+        group = {"group": 0, "test_accuracy": 0.7, "test_loss": 0.9, "train_loss": 1.1}
+        run = {"arm": "sync", "num_groups": 1, "steps": 31, "groups": [group]}
+        if per_epoch is not None:
+            run["steps_per_epoch"] = per_epoch
+        (workdir / "results.json").write_text(json.dumps({"runs": [run]}))
+    runs, curves = study.collect(loaded, str(tmp_path / "out"))
+    assert [r["steps_per_epoch"] for r in runs] == [10, 8]
+    assert [c["updates"] for c in curves if c["seed"] == 0] == [10, 20, 30, 31]
+    assert [c["updates"] for c in curves if c["seed"] == 1] == [8, 16, 24, 31]
+    assert runs[0]["test_accuracy"] == 0.7 and runs[0]["process_seconds"] is None
 
 
 def test_every_committed_study_arm_is_a_valid_train_config():
@@ -251,10 +279,12 @@ def test_every_committed_study_arm_is_a_valid_train_config():
     paths += [os.path.join(experiments, "shakespeare", "shakespeare.toml")]
     checked = 0
     for path in paths:
-        spec = study.load_study(path)
-        assert len(spec["seeds"]) >= 3 and open(path).readline().startswith("# python -m tf_codistill.study")
-        for arm in spec["arms"]:
-            settings = {**spec["common"], **study._train_settings(arm), "seed": max(spec["seeds"])}
+        loaded = study.load_study(path)
+        assert len(loaded["seeds"]) >= 3 and open(path).readline().startswith(
+            "# python -m tf_codistill.study"
+        )
+        for arm in loaded["arms"]:
+            settings = {**loaded["common"], **spec.train_settings(arm), "seed": max(loaded["seeds"])}
             train = config.TrainConfig(**settings)
             train.validate()
             assert train.check_run_length(int(train_examples[train.dataset] * train.train_fraction)) == []

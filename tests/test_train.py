@@ -11,6 +11,7 @@ from conftest import REPO, python_env
 
 import train
 from tf_codistill import runner
+from tf_codistill.results import read_results, results_json
 
 TINY = dict(dataset="mnist1d", model="cnn1d", batch_size=64, steps=40, warmup_epochs=0.1, verbose=0)
 
@@ -20,6 +21,8 @@ def test_both_arms_end_to_end(tmp_path, data_dir):
     results = train.train_and_evaluate(config, str(tmp_path))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
+    # The file is what its schema writes, key for key and byte for byte.
+    assert results_json(read_results(str(tmp_path))) == (tmp_path / "results.json").read_text()
     runs = {r["arm"]: r for r in on_disk["runs"]}
     assert set(runs) == {"sync", "codistill"}
     for arm, groups in (("sync", 1), ("codistill", 2)):

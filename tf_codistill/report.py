@@ -12,6 +12,7 @@ import time
 import keras
 
 from tf_codistill import files
+from tf_codistill.results import RunResult
 
 __all__ = ["EpochLine", "EpochTimer", "keras_verbose", "plot_runs", "plot_histories", "format_table"]
 
@@ -305,8 +306,9 @@ def plot_histories(histories: dict[str, dict], path: str, metric: str = "accurac
     plot_runs({arm: [history] for arm, history in histories.items()}, path, metric=metric)
 
 
-def format_table(runs: list[dict]) -> str:
-    rows = [("", *[r["arm"] for r in runs])]
+def format_table(runs: list[RunResult]) -> str:
+    """The table train.py prints at the end: one column per arm."""
+    rows = [("", *[r.arm for r in runs])]
 
     def row(name, fn):
         rows.append((name, *[fn(r) for r in runs]))
@@ -314,27 +316,30 @@ def format_table(runs: list[dict]) -> str:
     def mean(values):
         return sum(values) / len(values)
 
-    row("groups x batch", lambda r: f"{r['num_groups']} x {r['batch_size_per_group']}")
-    row("updates per model", lambda r: str(r["steps"]))
-    row("test accuracy (mean of groups)", lambda r: f"{mean([g['test_accuracy'] for g in r['groups']]):.4f}")
-    row("test accuracy per group", lambda r: " ".join(f"{g['test_accuracy']:.4f}" for g in r["groups"]))
+    def groups(run: RunResult, key: str) -> list[float]:
+        return [getattr(g, key) for g in run.groups]
+
+    row("groups x batch", lambda r: f"{r.num_groups} x {r.batch_size_per_group}")
+    row("updates per model", lambda r: str(r.steps))
+    row("test accuracy (mean of groups)", lambda r: f"{mean(groups(r, 'test_accuracy')):.4f}")
+    row("test accuracy per group", lambda r: " ".join(f"{v:.4f}" for v in groups(r, "test_accuracy")))
     row(
         "ensemble test accuracy",
-        lambda r: "-" if r["ensemble_test_accuracy"] is None else f"{r['ensemble_test_accuracy']:.4f}",
+        lambda r: "-" if r.ensemble_test_accuracy is None else f"{r.ensemble_test_accuracy:.4f}",
     )
-    row("test loss (mean)", lambda r: f"{mean([g['test_loss'] for g in r['groups']]):.4f}")
-    if all("best_val_loss" in r["groups"][0] for r in runs):  # language models: NLL in nats per token
-        row("validation NLL, final (mean)", lambda r: f"{mean([g['val_loss'] for g in r['groups']]):.4f}")
-        row("validation NLL, best (mean)", lambda r: f"{mean([g['best_val_loss'] for g in r['groups']]):.4f}")
+    row("test loss (mean)", lambda r: f"{mean(groups(r, 'test_loss')):.4f}")
+    if all(r.groups[0].best_val_loss is not None for r in runs):  # language models: NLL in nats per token
+        row("validation NLL, final (mean)", lambda r: f"{mean(groups(r, 'val_loss')):.4f}")
+        row("validation NLL, best (mean)", lambda r: f"{mean(groups(r, 'best_val_loss')):.4f}")
         row(
             "ensemble validation NLL, final",
-            lambda r: f"{r['ensemble_val_loss']:.4f}" if "ensemble_val_loss" in r else "-",
+            lambda r: "-" if r.ensemble_val_loss is None else f"{r.ensemble_val_loss:.4f}",
         )
-        row("test perplexity (mean)", lambda r: f"{mean([g['test_perplexity'] for g in r['groups']]):.2f}")
-    row("train task loss (mean)", lambda r: f"{mean([g['train_loss'] for g in r['groups']]):.4f}")
-    row("bytes exchanged per step (equiv.)", lambda r: f"{r['bytes_equivalent_per_step']:,.0f}")
-    row("examples / second", lambda r: f"{r['examples_per_second']:,.0f}")
-    row("wall seconds", lambda r: f"{r['wall_seconds']:.1f}")
+        row("test perplexity (mean)", lambda r: f"{mean(groups(r, 'test_perplexity')):.2f}")
+    row("train task loss (mean)", lambda r: f"{mean(groups(r, 'train_loss')):.4f}")
+    row("bytes exchanged per step (equiv.)", lambda r: f"{r.bytes_equivalent_per_step:,.0f}")
+    row("examples / second", lambda r: f"{r.examples_per_second:,.0f}")
+    row("wall seconds", lambda r: f"{r.wall_seconds:.1f}")
     widths = [max(len(str(c)) for c in col) for col in zip(*rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

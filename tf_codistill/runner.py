@@ -28,6 +28,7 @@ from tf_codistill.report import (
     keras_verbose,
     plot_histories,
 )
+from tf_codistill.results import GroupResult, RankResult, RunResult, results_json
 
 
 # --------------------------------------------------------------------------- arms
@@ -296,8 +297,8 @@ def default_model_fn(config: TrainConfig):
 
 
 def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
-    """Trains and evaluates one arm. Returns (results.json run entry, history,
-    backup); in a multi-process job the entry describes this process's group."""
+    """Trains and evaluates one arm. Returns (its `RunResult`, history,
+    backup); in a multi-process job the result describes this process's group."""
     from models import count_params
     from tf_codistill import CodistillModel
 
@@ -394,12 +395,12 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     for i, g in enumerate(rt.local_groups):
         prefix = f"g{i}_" if len(rt.local_groups) > 1 else ""
         per_group.append(
-            {
-                "group": g,
-                "test_accuracy": float(final[f"{prefix}accuracy"]),
-                "test_loss": float(final[f"{prefix}loss"]),
-                "train_loss": float(history[f"{prefix}task_loss"][-1]),
-            }
+            GroupResult(
+                group=g,
+                test_accuracy=float(final[f"{prefix}accuracy"]),
+                test_loss=float(final[f"{prefix}loss"]),
+                train_loss=float(history[f"{prefix}task_loss"][-1]),
+            )
         )
     steps_run = int(model.optimizer.iterations.numpy())
     in_group, cross_group, sent, equivalent = _traffic(
@@ -411,87 +412,84 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
 
         _add_text_results(per_group, final, history, plan.groups > 1 and len(rt.local_groups) > 1)
         for group, member in zip(per_group, members):
-            group["sample"] = generate(member, spec, seed=config.seed)
-    entry = {
-        "arm": plan.arm,
-        "num_groups": plan.groups,
-        "world_size": rt.world_size,
-        "exchange": (exchange.name if exchange else "local")
+            group.sample = generate(member, spec, seed=config.seed)
+    entry = RunResult(
+        arm=plan.arm,
+        num_groups=plan.groups,
+        world_size=rt.world_size,
+        exchange=(exchange.name if exchange else "local")
         if plan.groups > 1
         else ("allreduce" if rt.world_size > 1 else "none"),
-        "data_mode": rt.data_orders if plan.groups > 1 else "shared",
-        "dataset": spec.name,
-        "model": members[0].name if custom_model else config.model,
-        "seed": config.seed,
-        "precision": config.precision,
-        "steps": steps_run,
-        "epochs": plan.epochs,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "batch_size_per_group": plan.batch,
-        "groups": per_group,
-        "ensemble_test_accuracy": float(ensemble) if ensemble is not None and plan.groups > 1 else None,
+        data_mode=rt.data_orders if plan.groups > 1 else "shared",
+        dataset=spec.name,
+        model=members[0].name if custom_model else config.model,
+        seed=config.seed,
+        precision=config.precision,
+        steps=steps_run,
+        epochs=plan.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
+        batch_size_per_group=plan.batch,
+        groups=per_group,
+        ensemble_test_accuracy=float(ensemble) if ensemble is not None and plan.groups > 1 else None,
         **(_ensemble_text_results(final, history) if spec.is_text and "ensemble_loss" in final else {}),
-        "bytes_sent_per_step": float(sent),
-        "bytes_in_group_per_step": float(in_group),
-        "bytes_cross_group_per_step": float(cross_group),
-        "bytes_equivalent_per_step": float(equivalent),
-        "params_per_model": num_params,
-        "examples_per_second": steps_run * plan.batch * len(rt.local_groups) / max(timer.seconds, 1e-9),
-        "wall_seconds": wall,
-        "train_seconds": timer.seconds,
-    }
+        bytes_sent_per_step=float(sent),
+        bytes_in_group_per_step=float(in_group),
+        bytes_cross_group_per_step=float(cross_group),
+        bytes_equivalent_per_step=float(equivalent),
+        params_per_model=num_params,
+        examples_per_second=steps_run * plan.batch * len(rt.local_groups) / max(timer.seconds, 1e-9),
+        wall_seconds=wall,
+        train_seconds=timer.seconds,
+    )
     if rt.distributed:
-        entry["examples_per_second"] = steps_run * config.batch_size / max(timer.seconds, 1e-9)
-        entry["weights_checksum"] = float(
+        entry.examples_per_second = steps_run * config.batch_size / max(timer.seconds, 1e-9)
+        entry.weights_checksum = float(
             sum(float(v.numpy().astype("float64").sum()) for v in members[0].weights)
         )
         if os.path.isdir("/proc/self/task"):
-            entry["threads"] = len(os.listdir("/proc/self/task"))
+            entry.threads = len(os.listdir("/proc/self/task"))
     if plan.groups > 1:
-        entry.update(distance=config.distance, alpha=config.resolved_alpha(), temperature=config.temperature)
+        entry.distance, entry.alpha, entry.temperature = (
+            config.distance,
+            config.resolved_alpha(),
+            config.temperature,
+        )
     if exchange is not None and exchange.name == "weights":
-        entry["exchange"] = f"weights/{exchange.transport.name}"
-        entry.update(
-            exchange_every=config.exchange_every,
-            staleness_max=max(history.get("staleness", [0.0])),
-            peer_refreshes=exchange.refreshes,
-            peer_refresh_seconds=exchange.refresh_seconds,
-            peer_bytes_received=exchange.bytes_received,
-        )
+        entry.exchange = f"weights/{exchange.transport.name}"
+        entry.exchange_every = config.exchange_every
+        entry.staleness_max = max(history.get("staleness", [0.0]))
+        entry.peer_refreshes = exchange.refreshes
+        entry.peer_refresh_seconds = exchange.refresh_seconds
+        entry.peer_bytes_received = exchange.bytes_received
     if exchange is not None and exchange.name == "average":
-        entry.update(
-            exchange_every=config.exchange_every,
-            outer_lr=config.outer_lr,
-            outer_momentum=config.outer_momentum,
-            outer_steps=exchange.outer_steps,
-            outer_seconds=exchange.outer_seconds,
-        )
+        entry.exchange_every = config.exchange_every
+        entry.outer_lr, entry.outer_momentum = config.outer_lr, config.outer_momentum
+        entry.outer_steps, entry.outer_seconds = exchange.outer_steps, exchange.outer_seconds
     if backup is not None:
-        entry["resumed_from_epoch"] = backup.restored_epoch
-        entry["resumed_from_step"] = backup.restored_step if backup.restored_epoch is not None else None
-        entry["backup_seconds"] = backup.save_seconds
+        entry.resumed_from_epoch = backup.restored_epoch
+        entry.resumed_from_step = backup.restored_step if backup.restored_epoch is not None else None
+        entry.backup_seconds = backup.save_seconds
     if plan.writes_logs:
         text = json.dumps({k: [float(v) for v in vs] for k, vs in history.items()}, indent=1)
         files.write_atomic(os.path.join(plan.directory, f"history{plan.tag}.json"), text.encode())
     return entry, history, backup
 
 
-def _add_text_results(per_group: list[dict], final: dict, history: dict, several: bool) -> None:
+def _add_text_results(per_group: list[GroupResult], final: dict, history: dict, several: bool) -> None:
     """Language-model figures per group: validation NLL (nats per character)
     at the end and at its best epoch, test NLL, and their perplexities."""
     for i, group in enumerate(per_group):
         prefix = f"g{i}_" if several else ""
         curve = [float(v) for v in history[f"val_{prefix}loss"]]
-        group.update(
-            val_loss=curve[-1],
-            best_val_loss=min(curve),
-            best_val_epoch=curve.index(min(curve)) + 1,
-            test_perplexity=math.exp(group["test_loss"]),
-            val_perplexity=math.exp(curve[-1]),
-        )
+        group.val_loss = curve[-1]
+        group.best_val_loss = min(curve)
+        group.best_val_epoch = curve.index(min(curve)) + 1
+        group.test_perplexity = math.exp(group.test_loss)
+        group.val_perplexity = math.exp(curve[-1])
 
 
 def _ensemble_text_results(final: dict, history: dict) -> dict:
+    """`RunResult`'s ensemble NLL fields (language models), by name."""
     curve = [float(v) for v in history.get("val_ensemble_loss", [])]
     out = {"ensemble_test_loss": float(final["ensemble_loss"])}
     if curve:
@@ -540,6 +538,7 @@ def _make_backup(config: TrainConfig, plan: ArmPlan, timer: EpochTimer):
 # -------------------------------------------------------------------------- run
 def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict:
     """Runs the configured arms and writes results.json, the plot and logs.
+    Returns what results.json holds (`tf_codistill.results` declares it).
 
     In a multi-process launch (horovodrun, the project launcher, a TFJob)
     this process joins the job and trains its group's model; rank 0 gathers
@@ -600,9 +599,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
         runs.append(entry)
         histories[arm] = history
         backups.append(backup)
-    results = {"runs": runs}
+    results = {"runs": [run.to_dict() for run in runs]}
     if first.is_chief:
-        files.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1).encode())
+        files.write_atomic(os.path.join(workdir, "results.json"), results_json(runs).encode())
         plot_histories(
             histories, os.path.join(workdir, "comparison.png"), "loss" if spec.is_text else "accuracy"
         )
@@ -619,25 +618,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     return results
 
 
-def _merge_ranks(entry: dict, rt: runtime_mod.Runtime) -> dict:
+def _merge_ranks(entry: RunResult, rt: runtime_mod.Runtime) -> RunResult:
     """Gathers every rank's entry; one entry for the job, groups from the
-    group chiefs, per-rank weight checksums under "ranks"."""
-    everyone = rt.gather({"rank": rt.rank, "group": rt.group, "chief": rt.is_group_chief, **entry})
-    merged = dict(entry)
-    chiefs = sorted((e for e in everyone if e["chief"]), key=lambda e: e["group"])
-    merged["groups"] = [e["groups"][0] for e in chiefs]
-    merged["ranks"] = [
-        {
-            "rank": e["rank"],
-            "group": e["group"],
-            "weights_checksum": e["weights_checksum"],
-            "threads": e.get("threads"),
-        }
-        for e in sorted(everyone, key=lambda e: e["rank"])
-    ]
-    merged.pop("weights_checksum", None)
-    merged.pop("threads", None)
-    merged["wall_seconds"] = max(e["wall_seconds"] for e in everyone)
-    merged["train_seconds"] = max(e["train_seconds"] for e in everyone)
-    merged["examples_per_second"] = min(e["examples_per_second"] for e in everyone)
-    return merged
+    group chiefs, per-rank weight checksums under `ranks`."""
+    everyone = rt.gather((rt.rank, rt.group, rt.is_group_chief, entry))
+    chiefs = sorted(((group, e) for _, group, chief, e in everyone if chief), key=lambda item: item[0])
+    return dataclasses.replace(
+        entry,
+        groups=[e.groups[0] for _, e in chiefs],
+        weights_checksum=None,
+        threads=None,
+        wall_seconds=max(e.wall_seconds for *_, e in everyone),
+        train_seconds=max(e.train_seconds for *_, e in everyone),
+        examples_per_second=min(e.examples_per_second for *_, e in everyone),
+        ranks=[
+            RankResult(rank=rank, group=group, weights_checksum=e.weights_checksum, threads=e.threads)
+            for rank, group, _, e in sorted(everyone, key=lambda item: item[0])
+        ],
+    )

@@ -1,0 +1,297 @@
+"""A study's REPORT.md section, as Markdown lines, from `analysis`'s numbers:
+the results table, convergence or overfitting checks, comparisons with their
+verdicts, the grid, the plots, and the combined report's header."""
+
+from __future__ import annotations
+
+from tf_codistill import stats
+from tf_codistill.study import analysis
+from tf_codistill.study.analysis import Comparison, StudyData, finite
+from tf_codistill.study.spec import arm_flags, flags, reported_arms, value_text
+
+__all__ = ["study_lines", "summary_lines"]
+
+# The two NLL outcomes every language-model comparison reports.
+NLL_OUTCOMES = (("best_val_loss", "best validation NLL"), ("val_loss", "final validation NLL"))
+
+
+def _pct(values, digits=2) -> str:
+    values = finite(values)
+    if not values:
+        return "-"
+    mean, se = stats.mean_se(values)
+    return f"{100 * mean:.{digits}f} ± {100 * se:.{digits}f}"
+
+
+def _num(values, digits=4) -> str:
+    values = finite(values)
+    if not values:
+        return "-"
+    mean, se = stats.mean_se(values)
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def _minutes(runs) -> str:
+    seconds = finite([r["process_seconds"] for r in runs])
+    return f"{analysis.mean(seconds) / 60:.1f}" if seconds else "-"
+
+
+def _convergence_lines(data: StudyData) -> list[str]:
+    lines = []
+    for found in analysis.convergence(data):
+        if isinstance(found, str):
+            lines.append(f"Convergence of `{found}`: no per-epoch curve (criterion not computed).")
+            continue
+        holds = "holds" if found.holds else "fails"
+        if not found.learned:
+            holds += f", but it did not learn (training loss {found.first_loss:.3g} -> {found.last_loss:.3g})"
+        lines.append(
+            f"Convergence of `{found.base}`: sync accuracy changed by {found.change_points:+.2f} points over "
+            f"the last {100 * analysis.TAIL:g}% of epochs (epoch {found.start + 1} -> {found.length}, updates "
+            f"{found.start_updates:,} -> {found.total_updates:,}, mean of {found.seeds} seeds; criterion "
+            f"< {analysis.CONVERGED_POINTS:g}): {holds}."
+        )
+    if not lines:
+        lines.append(
+            "Convergence: this study has no sync arm; its run length is the one the studies with a "
+            "sync arm are checked at."
+        )
+    return lines
+
+
+def _overfitting_lines(data: StudyData) -> list[str]:
+    lines = []
+    for found in analysis.overfitting(data):
+        regime = "overfits (passes a minimum and rises)" if found.overfits else "does not overfit"
+        lines.append(
+            f"Regime of `{found.base}`: mean validation NLL lowest at epoch {found.low + 1} of {found.length} "
+            f"(update {found.low_updates:,}: {found.low_loss:.4f}), final {found.final_loss:.4f} "
+            f"({found.rise:+.4f}): it {regime}."
+        )
+    return lines
+
+
+def _finding(study: dict, items: list[Comparison]) -> str:
+    judged = [i for i in items if i.expected is not None]
+    if not judged:
+        return "Finding: no expected direction is declared for this study, so nothing to hold or fail."
+    seeds = len(study["seeds"])
+    parts = []
+    for verdict in ("held", "failed", "cannot be told apart", "needs 2 or more seeds per arm"):
+        names = [f"{i.name} (expected {i.expected})" for i in judged if i.verdict == verdict]
+        if names:
+            what = f"cannot be told apart at {seeds} seeds" if verdict == "cannot be told apart" else verdict
+            parts.append(f"{what} for {', '.join(names)}")
+    return "Finding: the expected difference " + "; ".join(parts) + "."
+
+
+def _comparison_table(items: list[Comparison], columns: str, scale: float, digits: int) -> list[str]:
+    """The Markdown table of `analysis.comparisons`' items: `columns` names the
+    first two columns; differences and intervals are multiplied by `scale`
+    (100: points) and shown with `digits` decimals."""
+    lines = [
+        f"| {columns} | 95% CI (Welch) | p (two-sided) | expected | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in items:
+        res = item.result
+        name = item.name if item.formula is None else f"{item.name}: {item.formula}"
+        if res is None:
+            lines.append(f"| {name} | - | - | - | {item.expected or '-'} | {item.verdict} |")
+            continue
+        diff, low, high = (f"{scale * v:+.{digits}f}" for v in (res.diff, res.low, res.high))
+        lines.append(
+            f"| {name} | {diff} | [{low}, {high}] | {res.p:.3f} | {item.expected or '-'} | {item.verdict} |"
+        )
+    return lines
+
+
+def _nll_lines(study: dict, data: StudyData, image_dir: str) -> list[str]:
+    """The language-model report: NLL table, comparisons on best and final
+    validation NLL, generated text."""
+    lines = _overfitting_lines(data) + [""]
+    header = (
+        "| arm | flags | best val NLL | final val NLL | ensemble best | ensemble final | test NLL "
+        "| train task loss | updates | bytes/step (equiv.) | minutes/run |"
+    )
+    lines += [header, "|" + "---|" * header.count(" |")]
+    for base in reported_arms(study):
+        label = data.chosen[base]
+        runs = data.ok(label)
+        arm = data.by_label[label]
+        if not runs:
+            lines.append(f"| {base} | `{arm_flags(arm)}` |" + " - |" * 9)
+            continue
+        steps = sorted({r["steps"] for r in runs})
+        cells = [_num([r[k] for r in runs]) for k in ("best_val_loss", "val_loss")]
+        cells += [_num([r[k] for r in runs]) for k in ("ensemble_best_val_loss", "ensemble_val_loss")]
+        cells += [_num([r["test_loss"] for r in runs]), _num([r["train_loss"] for r in runs])]
+        lines.append(
+            f"| {base} | `{arm_flags(arm)}` | {' | '.join(cells)} | {'/'.join(f'{s:,}' for s in steps)} | "
+            f"{runs[0]['bytes_equivalent_per_step']:,.0f} | {_minutes(runs)} |"
+        )
+    lines += [
+        "",
+        "NLL in nats per character: mean of a run's groups, mean ± standard error over seeds; best: the "
+        "lowest epoch's (validation split, as nanoGPT reports), final: the last epoch's; test NLL at the "
+        "end of the run; ensemble: the members' mean probabilities.",
+        "",
+    ]
+    for key, what in NLL_OUTCOMES:
+        items = analysis.comparisons(data, key)
+        if not items:
+            continue
+        lines += _comparison_table(items, f"comparison ({what}) | difference, nats", 1, 4)
+        lines += ["", _finding(study, items).replace("Finding:", f"Finding ({what}):"), ""]
+    lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
+    for base in reported_arms(study):
+        runs = [r for r in data.ok(data.chosen[base]) if r.get("sample")]
+        if runs:
+            lines += [f"Generated by `{base}` (group 0, seed {runs[0]['seed']}, 300 characters):", ""]
+            lines += ["```", runs[0]["sample"].rstrip("\n"), "```", ""]
+    return lines
+
+
+def _accuracy_table(study: dict, data: StudyData) -> list[str]:
+    """One row per reported arm: test and ensemble accuracy, training loss,
+    updates, bytes, minutes (and the updates to the target, where declared)."""
+    target = study.get("target_accuracy")
+    header = (
+        "| arm | flags | test accuracy % | ensemble % | train task loss | updates | bytes/step (equiv.) "
+        "| minutes/run |"
+    )
+    if target is not None:
+        header += f" updates to {100 * target:g}% |"
+    lines = [header, "|" + "---|" * header.count(" |")]
+    for base in reported_arms(study):
+        label = data.chosen[base]
+        runs = data.ok(label)
+        arm = data.by_label[label]
+        first = runs[0] if runs else {}
+        steps = sorted({r["steps"] for r in runs})
+        row = (
+            f"| {base} | `{arm_flags(arm)}` | {_pct([r['test_accuracy'] for r in runs])} | "
+            f"{_pct([r['ensemble_test_accuracy'] for r in runs])} | {_num([r['train_loss'] for r in runs])} | "
+            f"{'/'.join(f'{s:,}' for s in steps) or '-'} | "
+            f"{first['bytes_equivalent_per_step']:,.0f} | {_minutes(runs)} |"
+            if first
+            else f"| {base} | `{arm_flags(arm)}` | - | - | - | - | - | - |"
+        )
+        if target is not None:
+            got = finite([data.updates_to(label, r["seed"], target) for r in runs])
+            text = "-"
+            if got:
+                mean, se = stats.mean_se(got)
+                text = f"{mean:,.0f} ± {se:,.0f}"
+            row += f" {text} ({len(got)}/{len(runs)} seeds) |"
+        lines.append(row)
+    return lines
+
+
+def _lost_seeds(study: dict, data: StudyData) -> list[str]:
+    lost = []
+    for base in reported_arms(study):
+        label = data.chosen[base]
+        bad = [r for r in data.runs.get(label, []) if r["status"] != "ok"]
+        if bad:
+            seeds = ", ".join(f"{r['seed']} ({r['status']})" for r in bad)
+            lost.append(f"{base}: {len(bad)} of {len(data.runs[label])} seeds, {seeds}")
+    if not lost:
+        return []
+    return [
+        "Seeds left out of the means and comparisons (a diverged run stopped on NaN or Inf "
+        "predictions): " + "; ".join(lost) + ".",
+        "",
+    ]
+
+
+def _grid_lines(study: dict, data: StudyData) -> list[str]:
+    """Every point of every grid arm, and which one is reported."""
+    grids = [base for base, labels in data.points.items() if len(labels) > 1]
+    if not grids:
+        return []
+    how = (
+        "highest mean final test accuracy over seeds. That is the test set itself (train.py holds out "
+        "no validation split), so the chosen point's accuracy is optimistic: it is the best of the grid"
+        if study["select"] == "test_accuracy"
+        else "lowest mean final training task loss over seeds (the test set plays no part)"
+    )
+    lines = [
+        f"Grid: every arm is reported at its best point, chosen by the {how}. A point with a failed or "
+        "non-finite seed is not chosen.",
+        "",
+        "| arm | point | test accuracy % | train task loss | failed seeds | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for base in grids:
+        for label in data.points[base]:
+            point = data.by_label[label]["_point"]
+            runs = data.ok(label)
+            failed = len(data.runs.get(label, [])) - len(runs)
+            lines.append(
+                f"| {base} | `{' '.join(f'--{k}={value_text(v)}' for k, v in point.items())}` | "
+                f"{_pct([r['test_accuracy'] for r in runs])} | {_num([r['train_loss'] for r in runs])} | "
+                f"{failed} | {'yes' if data.chosen[base] == label else ''} |"
+            )
+    return lines + [""]
+
+
+def study_lines(study: dict, data: StudyData, image_dir: str, config_shown: str) -> list[str]:
+    """The study's section of a report. `image_dir`: the plots' folder as
+    seen from the report ("" in the study's own REPORT.md); `config_shown`:
+    the study file as its command line names it."""
+    runs_all = [r for rows in data.runs.values() for r in rows]
+    minutes = finite([r["process_seconds"] for r in runs_all])
+    lines = [
+        f"## {study['title']}",
+        "",
+        f"`python -m tf_codistill.study --config={config_shown}` ({len(study['seeds'])} seeds: "
+        f"{study['seeds']}; common flags: `{' '.join(flags(study['common']))}`; {len(runs_all)} runs, "
+        f"{sum(minutes) / 60:.1f} minutes of train.py processes)",
+        "",
+    ]
+    if study.get("expect"):
+        lines += [f"Expected (written before the run): {study['expect']}", ""]
+    if study.get("metric") == "nll":
+        return lines + _nll_lines(study, data, image_dir)
+    lines += _convergence_lines(data) + [""]
+    lines += _accuracy_table(study, data)
+    lines += [
+        "",
+        "Test accuracy: mean of a run's groups, in percent, mean ± standard error over seeds; "
+        "train task loss: the last epoch's.",
+        "",
+    ]
+    lines += _lost_seeds(study, data)
+    items = analysis.comparisons(data)
+    if items:
+        lines += _comparison_table(items, "comparison (test accuracy) | difference, points", 100, 2)
+        lines += ["", _finding(study, items), ""]
+    lines += _grid_lines(study, data)
+    lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
+    if study.get("target_accuracy") is not None:
+        lines += [f"![{study['name']}: updates to target]({image_dir}updates_to_target.png)", ""]
+    return lines
+
+
+def summary_lines(command: str, not_run: list[str], out: str) -> list[str]:
+    """The combined REPORT.md's header: how it was made and how to read it.
+    `not_run`: the study files (as shown) that have no runs.csv under `out`."""
+    lines = [
+        "# Study report",
+        "",
+        f"Generated from each study's `runs.csv` and `curves.csv` by `{command}`; the same command with "
+        "`--report_only` rebuilds this file, every study's REPORT.md and the plots from those CSVs without "
+        "training.",
+        "",
+        "Test accuracy is the mean over a run's groups (models), in percent: mean ± standard error over "
+        "seeds. Each comparison is a difference of mean test accuracies in points with its 95% Welch "
+        "confidence interval and two-sided p-value; the verdict reads the interval: it excludes 0 with the "
+        "expected sign (held), with the other sign or where no difference was expected (failed), or it "
+        "includes 0 (cannot be told apart at this number of seeds).",
+        "",
+    ]
+    if not_run:
+        names = ", ".join(f"`{name}`" for name in not_run)
+        lines += [f"Not run yet (no runs.csv under `{out}`): {names}.", ""]
+    return lines
