@@ -70,12 +70,6 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
-def _task_id(strategy: tf.distribute.Strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_id = getattr(resolver, "task_id", None)
-    return int(task_id) if task_id is not None else 0
-
-
 def _format_logs(logs: dict[str, float]) -> str:
     return " ".join(f"{name}={value:.4f}" for name, value in logs.items())
 

@@ -22,13 +22,14 @@ import sys
 import time
 import urllib.request
 
+from tf_codistill.choices import COLLECTIVE_IMPLEMENTATIONS
+
 __all__ = [
     "Topology",
     "init_horovod",
     "group_tf_config",
     "make_group_strategy",
     "collective_implementation_for",
-    "COLLECTIVE_IMPLEMENTATIONS",
     "make_tpu_strategy",
     "free_port",
     "TFJobCluster",
@@ -92,9 +93,6 @@ class Topology:
         return [self.pair_ranks(r) for r in range(self.group_size)]
 
 
-_PROCESS_SETS: dict = {}
-
-
 def init_horovod(num_groups: int, timeout_s: float = 120.0):
     """`hvd.init` with every group's and every pair's process set registered
     statically. Returns `(topology, group_set, pair_set)`.
@@ -139,7 +137,6 @@ def init_horovod(num_groups: int, timeout_s: float = 120.0):
             return hvd.global_process_set
         return sets.get(tuple(ranks))  # None for a set of one process
 
-    _PROCESS_SETS.update(topo=topo, sets=sets)
     return topo, set_for(topo.group_ranks()), set_for(topo.pair_ranks())
 
 
@@ -198,9 +195,6 @@ def group_tf_config(topo: Topology, timeout_s: float = 120.0, scope: str = "tf_c
 
 def set_tf_config(config: dict) -> None:
     os.environ["TF_CONFIG"] = json.dumps(config)
-
-
-COLLECTIVE_IMPLEMENTATIONS = ("auto", "ring", "nccl")
 
 
 def collective_implementation_for(requested: str, num_gpus: int) -> str:
