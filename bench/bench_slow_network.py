@@ -21,7 +21,7 @@ One worker per host, started as a TFJob-like set of plain processes
 HIDDEN train.py-flags...`, which registers `mlp_wide` and runs train.py as
 __main__, with a cloud TF_CONFIG
 naming the hosts' addresses: the workers make themselves a Horovod job,
-tf_codistill.topology.bootstrap_from_tf_config). Three arms, one after the
+tf_codistill.tfjob.bootstrap_from_tf_config). Three arms, one after the
 other, same global batch, same steps, same per-worker batch:
 
 * sync: one group of N workers (MultiWorkerMirroredStrategy across the

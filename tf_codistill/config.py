@@ -1,7 +1,7 @@
 """The settings of a comparison run (train.py's flags), declared once.
 
-Each `TrainConfig` field is one setting: its name, type and default are the
-field's; `setting(...)` adds the help text, the allowed values or range, and
+Each `TrainConfig` field is one setting (`tf_codistill.settings`): its name,
+type and default are the field's; `setting(...)` adds the help text, the allowed values or range, and
 any check of the value alone. From those declarations come
 
 * the absl flags (`define_flags`, which train.py calls),
@@ -18,13 +18,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
-import re
-from collections.abc import Callable
-from typing import Any
 
 from tf_codistill import seeds
-from tf_codistill.checks import is_int, is_number
 from tf_codistill.choices import (
     COLLECTIVE_IMPLEMENTATIONS,
     DATA_ORDERS,
@@ -33,6 +28,15 @@ from tf_codistill.choices import (
     ON_STALE,
     PRECISIONS,
     TRANSPORTS,
+)
+from tf_codistill.settings import (
+    Setting,
+    check_directory,
+    check_value,
+    define_absl_flags,
+    parse_value,
+    setting,
+    settings_of,
 )
 
 __all__ = [
@@ -72,41 +76,6 @@ class ExitStatus(enum.IntEnum):
     # 128 + SIGTERM, as a shell reports a process SIGTERM ended: Kubeflow's restartPolicy ExitCode
     # (128-255: retryable) restarts it, and it is what the launcher reports when it forwards SIGTERM.
     PREEMPTED = 143
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """What a `TrainConfig` field accepts, besides its type and default.
-
-    Attributes:
-        help: The flag's help text.
-        choices: The allowed values (an enum flag for strings).
-        minimum, maximum: Allowed range; `minimum` is exclusive with
-            `above_minimum=True`.
-        unit: Said after the bound in a range error (e.g. "seconds").
-        note: Said after a range or choice error, e.g. what 0 means.
-        check: `check(name, value)` raises ValueError for a bad value (a
-            check of this setting alone; combinations are `validate`'s).
-        name, kind, default, optional: Filled in from the field.
-    """
-
-    help: str
-    choices: tuple | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    above_minimum: bool = False
-    unit: str = ""
-    note: str = ""
-    check: Callable[[str, Any], None] | None = None
-    name: str = ""
-    kind: str = ""  # "int", "float" or "str"
-    default: Any = None
-    optional: bool = False  # None allowed (no value)
-
-
-def setting(default, help: str, **kwargs) -> dataclasses.Field:  # noqa: A002 - absl's word
-    """A `TrainConfig` field: its default and the rest of its `Setting`."""
-    return dataclasses.field(default=default, metadata={"setting": Setting(help=help, **kwargs)})
 
 
 def _not_empty(what: str):
@@ -608,118 +577,27 @@ class _Decisions:
     data_mode: str  # shared or independent
 
 
-def _settings() -> dict[str, Setting]:
-    out = {}
-    for field in dataclasses.fields(TrainConfig):
-        kind, _, rest = field.type.partition(" |")
-        out[field.name] = dataclasses.replace(
-            field.metadata["setting"],
-            name=field.name,
-            kind=kind,
-            default=field.default,
-            optional=rest.strip() == "None",
-        )
-    return out
-
-
-SETTINGS: dict[str, Setting] = _settings()
+SETTINGS: dict[str, Setting] = settings_of(TrainConfig)
 """Every setting by name, in declaration order."""
-
-_TYPES = {
-    "int": (is_int, "an integer"),
-    "float": (is_number, "a number"),
-    "str": (lambda value: isinstance(value, str), "a string"),
-}
-
-
-def _words(values) -> str:
-    values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def check_setting(name: str, value) -> None:
-    """Checks one setting's value on its own (type, finiteness, choices, range,
-    the setting's own check).
-
-    Raises:
-        KeyError: `name` is not a setting.
-        TypeError: `value` has the wrong type.
-        ValueError: a bad value; the message names the flag.
-    """
-    spec = SETTINGS[name]
-    if value is None and spec.optional:
-        return
-    accepts, what = _TYPES[spec.kind]
-    if not accepts(value):
-        raise TypeError(f"--{name} must be {what}, got {value!r}.")
-    if spec.kind == "float" and not math.isfinite(value):  # nan fails every comparison below
-        raise ValueError(f"--{name} must be a finite number, got {value}.")
-    note = f" ({spec.note})" if spec.note else ""
-    if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"--{name} must be {_words(spec.choices)}{note}; got {value!r}.")
-    low, high = spec.minimum, spec.maximum
-    too_low = low is not None and (value <= low if spec.above_minimum else value < low)
-    if too_low or (high is not None and value > high):
-        unit = f" {spec.unit}" if spec.unit else ""
-        if high is None:
-            bound = f"{'>' if spec.above_minimum else '>='} {low:g}{unit}"
-        else:
-            bound = f"in {'(' if spec.above_minimum else '['}{low:g}, {high:g}]{unit}"
-        raise ValueError(f"--{name} must be {bound}{note}, got {value}.")
-    if spec.check is not None:
-        spec.check(name, value)
+    """`check_value` of setting `name`. Raises KeyError for an unknown name,
+    TypeError or ValueError (naming the flag) for a bad value."""
+    check_value(SETTINGS[name], value)
 
 
 def parse_setting(name: str, text: str):
     """The value of setting `name` written as `text` on a command line.
-
-    Raises:
-        KeyError: `name` is not a setting.
-        ValueError: `text` is not a value of the setting's type.
-    """
-    spec = SETTINGS[name]
-    try:
-        return {"int": int, "float": float, "str": str}[spec.kind](text)
-    except ValueError:
-        raise ValueError(f"--{name} must be {_TYPES[spec.kind][1]}, got {text!r}.") from None
+    Raises KeyError for an unknown name, ValueError for bad text."""
+    return parse_value(SETTINGS[name], text)
 
 
 def define_flags(flag_values=None) -> None:
-    """Defines one absl flag per setting on `flag_values` (absl's global
-    `FLAGS` by default): enums for string settings with choices."""
+    """Defines one absl flag per setting on `flag_values` (absl's global `FLAGS` by default)."""
     from absl import flags
 
-    flag_values = flags.FLAGS if flag_values is None else flag_values
-    for spec in SETTINGS.values():
-        if spec.kind == "str" and spec.choices is not None:
-            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help, flag_values=flag_values)
-        else:
-            define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string}
-            define[spec.kind](spec.name, spec.default, spec.help, flag_values=flag_values)
-
-
-def check_directory(flag: str, path: str, must_write: bool = True) -> None:
-    """Raises ValueError unless `path` is a directory this process can write
-    to, or can create. `must_write=False` accepts an existing read-only
-    directory (e.g. prepared datasets)."""
-    if not path.strip():
-        raise ValueError(f"--{flag} is empty: give a directory.")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) and not path.startswith("file://"):
-        return  # gs://, ram://, ...: probed through tf.io.gfile when the run starts
-    path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"--{flag}={path} is an existing file, not a directory; choose another path.")
-        if must_write and not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"--{flag}={path} is not writable; choose a directory you can write to.")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--{flag}={path} cannot be created: {parent} is a file, not a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag}={path} cannot be created: {parent} is not writable.")
+    define_absl_flags(SETTINGS.values(), flags.FLAGS if flag_values is None else flag_values)
 
 
 # The milestone presets' names; their values are schedules.MILESTONE_PRESETS

@@ -320,7 +320,7 @@ def init(
     group. `HOROVOD_RANK` (horovodrun, the project launcher, an MPIJob): this
     process joins the Horovod job, which is split into `num_groups` groups of
     equal size. A Kubeflow TFJob's `TF_CONFIG` of several tasks: the tasks
-    become a Horovod job first (`topology.bootstrap_from_tf_config`).
+    become a Horovod job first (`tfjob.bootstrap_from_tf_config`).
 
     Args:
         num_groups: groups (models) in the job; 1 is the synchronous baseline.
@@ -443,7 +443,9 @@ def init(
                 "predictions need every pair to read the same batches (shared), weights let every "
                 "group read its own order (independent). Leave data_mode unset."
             )
-        topology.bootstrap_from_tf_config(collective_timeout)  # a TFJob's tasks; no-op under horovodrun
+        from tf_codistill import tfjob
+
+        tfjob.bootstrap_from_tf_config(collective_timeout)  # a TFJob's tasks; no-op under horovodrun
         job_groups = 1 if exchange_dir is not None else num_groups
         if _JOINED and _JOINED["groups"] != job_groups:
             raise ValueError(
