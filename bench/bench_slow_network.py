@@ -21,13 +21,13 @@ One worker per host, started as a TFJob-like set of plain processes
 HIDDEN train.py-flags...`, which registers `mlp_wide` and runs train.py as
 __main__, with a cloud TF_CONFIG
 naming the hosts' addresses: the workers make themselves a Horovod job,
-tf_codistill.topology.bootstrap_from_tf_config). Arms one after the
+tf_codistill.tfjob.bootstrap_from_tf_config). Arms one after the
 other, same global batch, same steps, same per-worker batch:
 
 * sync: one group of N workers (MultiWorkerMirroredStrategy across the
   hosts: a gradient all-reduce every step);
 * codistill, predictions: N groups of one worker, logits all-gathered over
-  Horovod (Gloo) every step (`--exchange=horovod`);
+  Horovod (Gloo) every step (`--exchange=predictions --transport=horovod`);
 * codistill, stale weights: N groups of one worker, flattened weights
   all-gathered over Horovod every `--exchange_every` steps (default 50);
 * diloco / local_sgd (not in the default `--arms`): N groups of one worker
@@ -444,7 +444,11 @@ class WireCounters:
 # --------------------------------------------------------------------- arms
 ARMS = {  # name: (label, train.py flags, one group per host?)
     "sync": ("sync (MWMS across hosts)", ["--mode=sync"], False),
-    "predictions": ("codistill, predictions every step", ["--mode=codistill", "--exchange=horovod"], True),
+    "predictions": (
+        "codistill, predictions every step",
+        ["--mode=codistill", "--exchange=predictions", "--transport=horovod"],
+        True,
+    ),
     "weights": ("codistill, stale weights every {k}", ["--mode=codistill", "--exchange=weights"], True),
     # Parameter averaging every K steps (issue 24): DiLoCo's outer Nesterov step at its defaults
     # (outer lr 0.7, momentum 0.9) and plain averaging (local SGD: outer lr 1, no momentum).

@@ -4,7 +4,8 @@ codistillation on a network of given bandwidth.
     step time = compute(model, arm) x oversubscription
               + messages x latency + bytes sent per worker x 8 / (efficiency x link rate)
 
-Bytes each worker sends per step (float32, N workers or groups):
+Bytes each worker sends per step (float32, N workers or groups), from
+`tf_codistill.traffic` (the formulas the library's own accounting uses):
 
 * sync, ring all-reduce of the gradient:       2 (N - 1) / N x params x 4, in 2 (N - 1) messages
 * codistillation, all-gather of the logits:    (N - 1) x batch x classes x 4, in N - 1 messages
@@ -20,7 +21,7 @@ framing, TCP, Gloo/gRPC, the shaper's burst handling) and `latency` (per
 ring message: round trips, serialisation, scheduling) are fitted, as is
 each compute time: see `fit`.
 
-NumPy only, no TensorFlow: the sweep (`bench/sweep_network.py`), the
+NumPy and `tf_codistill.traffic` only, no TensorFlow: the sweep (`bench/sweep_network.py`), the
 projection (`projection`) and the fast tests (`tests/test_costmodel.py`)
 import it. It lives in bench/ because its fitted constants describe the
 benchmark's emulated network (veth + htb on one machine, CPU workers), not
@@ -34,28 +35,9 @@ import dataclasses
 
 import numpy as np
 
-BYTES_PER_FLOAT = 4
+from tf_codistill.traffic import allgather_bytes, allreduce_bytes, stale_weights_bytes
+
 ARMS = ("sync", "predictions", "weights")
-
-
-# ------------------------------------------------------------------ traffic
-def allreduce_bytes(params: int, workers: int) -> float:
-    """Bytes each worker sends in a ring all-reduce of `params` float32."""
-    if workers < 2:
-        return 0.0
-    return 2 * (workers - 1) / workers * params * BYTES_PER_FLOAT
-
-
-def allgather_bytes(batch: int, classes: int, workers: int) -> float:
-    """Bytes each worker sends in a ring all-gather of its (batch x classes) logits."""
-    return max(workers - 1, 0) * batch * classes * BYTES_PER_FLOAT
-
-
-def stale_weights_bytes(params: int, workers: int, every: int) -> float:
-    """Bytes each worker sends per step, amortised, exchanging its weights every `every` steps."""
-    if every <= 0:
-        return 0.0
-    return max(workers - 1, 0) * params * BYTES_PER_FLOAT / every
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ sys.path.insert(0, HERE)
 
 import costmodel  # noqa: E402
 
+from tf_codistill import traffic  # noqa: E402
+
 SOURCE = (
     "https://github.com/NVIDIA/DeepLearningExamples/blob/master/TensorFlow/Classification/"
     "ConvNets/resnet50v1.5/README.md (Training performance results, 1 GPU rows)"
@@ -73,9 +75,9 @@ def two_nodes(compute: float, efficiency: float, latency: float) -> list[str]:
     ]
     for gbit in RATES:
         rate = gbit * 1e9
-        sync = compute + 2 * latency + costmodel.allreduce_bytes(PARAMS, 2) * 8 / (efficiency * rate)
+        sync = compute + 2 * latency + traffic.allreduce_bytes(PARAMS, 2) * 8 / (efficiency * rate)
         # 8 pairs of ranks each all-gather their logits across the two nodes through the one NIC.
-        cod = compute + latency + 8 * costmodel.allgather_bytes(BATCH, CLASSES, 2) * 8 / (efficiency * rate)
+        cod = compute + latency + 8 * traffic.allgather_bytes(BATCH, CLASSES, 2) * 8 / (efficiency * rate)
         lines.append(
             f"| {gbit:g} Gbit/s | {1000 * sync:.1f} ms | {1000 * cod:.1f} ms | {sync / cod:.2f}x "
             f"| {SYNC_STEPS * sync / 3600:.1f} h | {SYNC_STEPS * cod / 3600:.1f} h |"

@@ -64,7 +64,7 @@ def eval_fn(context):  # each of a group's workers evaluates its shard
 
 # 3. Your model: group g's copy starts from its own seed.
 def build(group):
-    keras.utils.set_random_seed(1000 * args.seed + group)
+    keras.utils.set_random_seed(tfc.seeds.group_seed(args.seed, group, "init"))
     inputs = keras.Input((16,))
     h = keras.layers.Dense(64, activation="relu")(inputs)
     h = keras.layers.BatchNormalization()(h)

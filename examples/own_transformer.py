@@ -66,7 +66,7 @@ def eval_fn(context):  # each of a group's workers evaluates its shard of the va
 
 # 3. Your model: two pre-LayerNorm blocks of causal self-attention and a GELU MLP.
 def build(group):
-    keras.utils.set_random_seed(1000 * args.seed + group)
+    keras.utils.set_random_seed(tfc.seeds.group_seed(args.seed, group, "init"))
     tokens = keras.Input((args.context,), dtype="int32")
     h = keras.layers.Embedding(spec.num_classes, args.width)(tokens)
     positions = keras.layers.Embedding(args.context, args.width)(tf.range(args.context)[None])

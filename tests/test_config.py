@@ -2,6 +2,7 @@
 flags, the per-setting checks and the study file check agree."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -100,3 +101,67 @@ def test_study_checks_settings_without_tensorflow(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    "settings,kind,transport,note",
+    [
+        (dict(), "predictions", "local", None),
+        (
+            dict(exchange="local"),
+            "predictions",
+            "local",
+            "--exchange=local is deprecated; it means --exchange=predictions --transport=local.",
+        ),
+        (
+            dict(exchange="auto"),
+            "predictions",
+            "local",
+            "--exchange=auto is deprecated; it means --exchange=predictions.",
+        ),
+        (dict(exchange="weights"), "weights", "local", None),
+        (dict(exchange="average", transport="local"), "average", "local", None),
+        (
+            dict(exchange="weights", exchange_dir="/tmp/tf_codistill-x", mode="codistill", group=0),
+            "weights",
+            "directory",
+            None,
+        ),
+    ],
+)
+def test_exchange_kind_and_transport_and_the_older_spellings(settings, kind, transport, note):
+    config_ = TrainConfig(**settings)
+    config_.validate()
+    assert (config_.resolved_kind(), config_.resolved_transport()) == (kind, transport)
+    assert config_.deprecations() == ([note] if note else [])
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (dict(exchange="horovod"), "--transport=horovod runs one process per worker"),
+        (dict(transport="horovod"), "--transport=horovod runs one process per worker"),
+        (dict(exchange="local", transport="horovod"), "write --exchange=predictions --transport=horovod"),
+        (dict(exchange="weights", transport="directory", mode="codistill", group=0), "add --exchange_dir"),
+        (
+            dict(exchange="weights", transport="local", exchange_dir="/tmp/x", mode="codistill", group=0),
+            "drop --transport=local",
+        ),
+    ],
+)
+def test_transport_mistakes_are_named(settings, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        TrainConfig(**settings).validate()
+
+
+def test_each_choice_list_is_the_one_in_choices():
+    from tf_codistill import choices, losses, model, runtime
+    from tf_codistill.exchange import weights
+
+    assert tuple(losses.DISTANCES) == choices.DISTANCES == SETTINGS["distance"].choices
+    assert model.DATA_MODES is choices.DATA_MODES
+    assert weights.ON_STALE is choices.ON_STALE is SETTINGS["on_stale"].choices
+    assert runtime.PRECISIONS is choices.PRECISIONS is SETTINGS["precision"].choices
+    assert SETTINGS["collective_implementation"].choices is choices.COLLECTIVE_IMPLEMENTATIONS
+    assert set(runtime.EXCHANGES) < set(SETTINGS["exchange"].choices)
+    assert SETTINGS["transport"].choices == ("auto", *choices.TRANSPORTS)

@@ -10,19 +10,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import costmodel  # noqa: E402
 from costmodel import Params, Point  # noqa: E402
 
+from tf_codistill import traffic  # noqa: E402
+
 
 def test_traffic_formulas():
+    """tf_codistill.traffic: the formulas the cost model, the exchanges and the report share."""
     # Ring all-reduce: 2 (N-1)/N x params x 4.
-    assert costmodel.allreduce_bytes(1_000, 2) == 4_000
-    assert costmodel.allreduce_bytes(1_000, 4) == 6_000
-    assert costmodel.allreduce_bytes(1_000, 1) == 0
+    assert traffic.allreduce_bytes(1_000, 2) == 4_000
+    assert traffic.allreduce_bytes(1_000, 4) == 6_000
+    assert traffic.allreduce_bytes(1_000, 1) == 0
     # All-gather of logits: (N-1) x batch x classes x 4.
-    assert costmodel.allgather_bytes(32, 10, 2) == 1_280
-    assert costmodel.allgather_bytes(32, 10, 4) == 3_840
+    assert traffic.allgather_bytes(32, 10, 2) == 1_280
+    assert traffic.allgather_bytes(32, 10, 4) == 3_840
     # Stale weights every K: (N-1) x params x 4 / K.
-    assert costmodel.stale_weights_bytes(1_000, 2, 50) == 80
-    assert costmodel.stale_weights_bytes(1_000, 3, 50) == 160
-    assert costmodel.stale_weights_bytes(1_000, 2, 0) == 0
+    assert traffic.stale_weights_bytes(1_000, 2, 50) == 80
+    assert traffic.stale_weights_bytes(1_000, 3, 50) == 160
+    assert traffic.stale_weights_bytes(1_000, 2, 0) == 0
 
 
 def test_traffic_matches_train_py_accounting():

@@ -485,7 +485,7 @@ def test_gpu_workers_one_per_gpu(name, job):
 
 @pytest.mark.parametrize("name,job", JOBS, ids=JOB_IDS)
 def test_tfjob_workers_know_their_pod_ip(name, job):
-    """The TFJob rendezvous binds POD_IP (tf_codistill.topology.rendezvous_bind_address)."""
+    """The TFJob rendezvous binds POD_IP (tf_codistill.tfjob.rendezvous_bind_address)."""
     if _kind(job) != TFJOB:
         return
     for role, pod in _pod_specs(job).items():

@@ -107,11 +107,12 @@ def _preseed(exchange_dir, spec, seed):
     on which process got there first."""
     from models import build_model
     from tf_codistill.exchange.weights import DirectoryTransport, Snapshot
+    from tf_codistill.seeds import group_seed
 
     transport = DirectoryTransport(str(exchange_dir))
     initial = {}
     for g in (0, 1):
-        model = build_model("cnn1d", spec.input_shape, spec.num_classes, seed=seed * 1000 + g)
+        model = build_model("cnn1d", spec.input_shape, spec.num_classes, seed=group_seed(seed, g, "init"))
         initial[g] = [np.array(w) for w in model.get_weights()]
         transport.write(Snapshot(g, 0, initial[g]))
     return initial

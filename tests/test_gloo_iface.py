@@ -4,7 +4,7 @@ Three network namespaces stand for three machines (the slow-network benchmark's
 `SlowNetwork`, at 1,000 Mbit/s): each has its own address on its `eth0`, and
 both keep this machine's /etc/hosts, where the host name maps to 127.0.0.1,
 as in many containers and VMs. The workers make themselves a Horovod job from
-a cloud TF_CONFIG (`topology.bootstrap_from_tf_config`, which sets
+a cloud TF_CONFIG (`tfjob.bootstrap_from_tf_config`, which sets
 HOROVOD_GLOO_IFACE to the interface holding the worker's address) and run a
 collective on the global process set and on an added one (ranks 0 and 2).
 
@@ -36,8 +36,8 @@ HOSTS = 3
 
 WORKER = r"""
 import json, os, sys
-from tf_codistill import topology
-assert topology.bootstrap_from_tf_config(timeout_s=60)
+from tf_codistill import tfjob
+assert tfjob.bootstrap_from_tf_config(timeout_s=60)
 import horovod.tensorflow as hvd
 import tensorflow as tf
 pair = hvd.ProcessSet([0, 2])

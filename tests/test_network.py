@@ -8,8 +8,9 @@ import urllib.request
 
 import pytest
 
-from tf_codistill import topology
-from tf_codistill.topology import TFJobCluster, free_port
+from tf_codistill import tfjob
+from tf_codistill.tfjob import TFJobCluster
+from tf_codistill.topology import free_port
 
 pytestmark = pytest.mark.usefixtures("horovod_installed")
 
@@ -28,9 +29,9 @@ def test_rendezvous_serves_only_the_given_address():
     cluster = TFJobCluster(hosts=("127.0.0.2", "127.0.0.2"), ports=(1, 2), rank=0)
     port = free_port("127.0.0.2")
     described = {"hosts": list(cluster.hosts), "ports": list(cluster.ports)}
-    server = topology._RendezvousProcess(port, cluster.slots(), described, 30, host="127.0.0.2")
+    server = tfjob._RendezvousProcess(port, cluster.slots(), described, 30, host="127.0.0.2")
     try:
-        with _NO_PROXY.open(topology._kv_url("127.0.0.2", port, "cluster"), timeout=5) as reply:
+        with _NO_PROXY.open(tfjob._kv_url("127.0.0.2", port, "cluster"), timeout=5) as reply:
             assert json.loads(reply.read().decode()) == described
         assert not _connects("127.0.0.1", port), "the rendezvous answered on an address it must not bind"
     finally:
@@ -39,21 +40,21 @@ def test_rendezvous_serves_only_the_given_address():
 
 
 def test_bind_address_prefers_the_pods_own(monkeypatch):
-    monkeypatch.delenv(topology.RENDEZVOUS_BIND_ENV, raising=False)
+    monkeypatch.delenv(tfjob.RENDEZVOUS_BIND_ENV, raising=False)
     monkeypatch.delenv("POD_IP", raising=False)
     local = TFJobCluster(hosts=("127.0.0.3", "10.0.0.9"), ports=(2222, 2222), rank=0)
-    assert topology.rendezvous_bind_address(local) == "127.0.0.3"  # the TF_CONFIG host, resolved
+    assert tfjob.rendezvous_bind_address(local) == "127.0.0.3"  # the TF_CONFIG host, resolved
     monkeypatch.setenv("POD_IP", "10.1.2.3")
-    assert topology.rendezvous_bind_address(local) == "10.1.2.3"  # the downward API wins
-    monkeypatch.setenv(topology.RENDEZVOUS_BIND_ENV, "0.0.0.0")
-    assert topology.rendezvous_bind_address(local) == "0.0.0.0"  # an explicit choice wins over both
+    assert tfjob.rendezvous_bind_address(local) == "10.1.2.3"  # the downward API wins
+    monkeypatch.setenv(tfjob.RENDEZVOUS_BIND_ENV, "0.0.0.0")
+    assert tfjob.rendezvous_bind_address(local) == "0.0.0.0"  # an explicit choice wins over both
 
 
 def test_bind_address_falls_back_to_every_interface_with_a_note(monkeypatch, capsys):
-    monkeypatch.delenv(topology.RENDEZVOUS_BIND_ENV, raising=False)
+    monkeypatch.delenv(tfjob.RENDEZVOUS_BIND_ENV, raising=False)
     monkeypatch.delenv("POD_IP", raising=False)
     # 192.0.2.1 (TEST-NET-1) is nobody's address here; an unresolvable name neither.
     for host in ("192.0.2.1", "no-such-host.invalid"):
         cluster = TFJobCluster(hosts=(host, "b"), ports=(2222, 2222), rank=0)
-        assert topology.rendezvous_bind_address(cluster) == ""
+        assert tfjob.rendezvous_bind_address(cluster) == ""
         assert "every interface" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 each with TF_CONFIG exactly as the Kubeflow Training Operator injects it.
 
 Worker 0 serves Horovod's Gloo rendezvous and every worker sets Horovod's
-environment itself (tf_codistill.topology.bootstrap_from_tf_config). The
+environment itself (tf_codistill.tfjob.bootstrap_from_tf_config). The
 TFJob host names resolve to 127.0.0.1 through TF_CODISTILL_HOST_ALIASES.
 """
 
@@ -145,37 +145,37 @@ def _cloud(monkeypatch, cluster, task, aliases=None):
 def test_chief_comes_first_and_slots_match_horovodrun(monkeypatch):
     from horovod.runner.common.util.hosts import HostInfo, get_host_assignments
 
-    from tf_codistill import topology
+    from tf_codistill import tfjob, topology
 
     cluster = {"chief": ["c:2222"], "worker": ["w0:2222", "w1:2222"], "evaluator": ["e:2222"]}
     _cloud(monkeypatch, cluster, {"type": "worker", "index": 1}, aliases="w0=10.0.0.2")
-    job = topology.read_tfjob_config()
+    job = tfjob.read_tfjob_config()
     assert job.hosts == ("c", "10.0.0.2", "w1") and job.rank == 2 and job.size == 3
-    assert topology.launched_by_tfjob() and topology.multi_process_launch()
-    assert topology._rendezvous_port(job) == 2222
+    assert tfjob.launched_by_tfjob() and topology.multi_process_launch()
+    assert tfjob._rendezvous_port(job) == 2222
     monkeypatch.setenv("TF_CODISTILL_RENDEZVOUS_PORT", "3333")
-    assert topology._rendezvous_port(job) == 3333
+    assert tfjob._rendezvous_port(job) == 3333
     # Two hosts with two tasks each: the layout `horovodrun -H a:2,b:2` gives.
     _cloud(monkeypatch, {"worker": ["a:1", "a:2", "b:1", "b:2"]}, {"type": "worker", "index": 0})
     expected = get_host_assignments([HostInfo("a", 2), HostInfo("b", 2)], 4)
-    assert topology.read_tfjob_config().slots() == [vars(s) for s in expected]
+    assert tfjob.read_tfjob_config().slots() == [vars(s) for s in expected]
 
 
 def test_one_worker_and_non_cloud_configs_need_no_horovod(monkeypatch):
-    from tf_codistill import topology
+    from tf_codistill import tfjob
 
     _cloud(monkeypatch, {"worker": ["w0:2222"]}, {"type": "worker", "index": 0})
-    assert not topology.launched_by_tfjob() and not topology.bootstrap_from_tf_config(1)
+    assert not tfjob.launched_by_tfjob() and not tfjob.bootstrap_from_tf_config(1)
     monkeypatch.setenv(
         "TF_CONFIG",
         json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}),
     )
-    assert not topology.launched_by_tfjob()  # e.g. the per-group TF_CONFIG of group_tf_config
+    assert not tfjob.launched_by_tfjob()  # e.g. the per-group TF_CONFIG of group_tf_config
     assert "HOROVOD_RANK" not in os.environ
 
 
 def test_a_worker_without_its_rendezvous_fails_in_bounded_time(monkeypatch):
-    from tf_codistill import topology
+    from tf_codistill import tfjob
 
     port = free_port()
     _cloud(
@@ -188,7 +188,7 @@ def test_a_worker_without_its_rendezvous_fails_in_bounded_time(monkeypatch):
     with pytest.raises(
         TimeoutError, match=f"waited 2s for the Horovod rendezvous that worker 0 serves at 127.0.0.1:{port}"
     ):
-        topology.bootstrap_from_tf_config(2)
+        tfjob.bootstrap_from_tf_config(2)
     assert time.monotonic() - start < 10
     assert "HOROVOD_RANK" not in os.environ
 
@@ -196,7 +196,7 @@ def test_a_worker_without_its_rendezvous_fails_in_bounded_time(monkeypatch):
 def test_a_taken_rendezvous_port_is_named(monkeypatch):
     import socket
 
-    from tf_codistill import topology
+    from tf_codistill import tfjob
 
     with socket.socket() as taken:
         taken.bind(("", 0))
@@ -209,5 +209,5 @@ def test_a_taken_rendezvous_port_is_named(monkeypatch):
             "w0=127.0.0.1,w1=127.0.0.1",
         )
         with pytest.raises(RuntimeError, match=f"cannot serve the Horovod rendezvous on port {port}"):
-            topology.bootstrap_from_tf_config(10)
+            tfjob.bootstrap_from_tf_config(10)
     assert "HOROVOD_RANK" not in os.environ

@@ -67,7 +67,11 @@ BAD_CONFIGS = [
     # unknown names (absl enums catch these on the command line; Python callers too)
     (dict(mode="all"), ValueError, "--mode must be sync, codistill or both"),
     (dict(data_mode="mixed"), ValueError, "--data_mode must be auto, shared or independent"),
-    (dict(exchange="grpc"), ValueError, "--exchange must be auto, local, horovod, weights or average"),
+    (
+        dict(exchange="grpc"),
+        ValueError,
+        "--exchange must be predictions, weights, average, auto, local or horovod",
+    ),
     (dict(on_stale="wait"), ValueError, "--on_stale must be keep or drop"),
     (dict(optimizer="sgdd"), ValueError, "--optimizer must be sgd, adam, adamw or lamb"),
     (dict(lr_schedule="cos"), ValueError, "--lr_schedule must be step, cosine or constant"),
@@ -337,12 +341,7 @@ def _bad_api_calls(tmp_path):
         (lambda: data.train_batches(_spec(), 0, seed=0), ValueError, "batch_size must be >= 1"),
         (lambda: data.train_batches(_spec(), 32.0, seed=0), TypeError, "batch_size must be an integer"),
         (
-            lambda: data.train_batches(_spec(), 32, 0, slice_of=(2, 2)),
-            ValueError,
-            "slice_of must be (index, count)",
-        ),
-        (
-            lambda: data.train_batches(_spec(), 32, 0, shard=(0, 0)),
+            lambda: data.eval_batches(_spec(), 32, shard=(2, 2)),
             ValueError,
             "shard must be (index, count)",
         ),

@@ -48,7 +48,7 @@ _EXPORTS = {
     "get_distance": "tf_codistill.losses",
     "paper_weight_decay": "tf_codistill.schedules",
 }
-_MODULES = ("runtime", "exchange", "data", "losses", "schedules")
+_MODULES = ("runtime", "exchange", "data", "losses", "schedules", "seeds")
 
 __all__ = sorted([*_EXPORTS, *_MODULES])
 

@@ -1,7 +1,7 @@
 """The settings of a comparison run (train.py's flags), declared once.
 
-Each `TrainConfig` field is one setting: its name, type and default are the
-field's; `setting(...)` adds the help text, the allowed values or range, and
+Each `TrainConfig` field is one setting (`tf_codistill.settings`): its name,
+type and default are the field's; `setting(...)` adds the help text, the allowed values or range, and
 any check of the value alone. From those declarations come
 
 * the absl flags (`define_flags`, which train.py calls),
@@ -18,13 +18,26 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
-import re
-from collections.abc import Callable
-from typing import Any
 
-from tf_codistill.checks import is_int, is_number
-from tf_codistill.exchange.factory import KINDS
+from tf_codistill import seeds
+from tf_codistill.choices import (
+    COLLECTIVE_IMPLEMENTATIONS,
+    DATA_ORDERS,
+    DISTANCES,
+    EXCHANGE_KINDS,
+    ON_STALE,
+    PRECISIONS,
+    TRANSPORTS,
+)
+from tf_codistill.settings import (
+    Setting,
+    check_directory,
+    check_value,
+    define_absl_flags,
+    parse_value,
+    setting,
+    settings_of,
+)
 
 __all__ = [
     "Setting",
@@ -38,6 +51,12 @@ __all__ = [
     "ExitStatus",
 ]
 
+
+#: --exchange's spellings from before kind and transport were two settings,
+#: each the predictions kind with this --transport. Accepted with a notice.
+LEGACY_EXCHANGES = {"auto": "auto", "local": "local", "horovod": "horovod"}
+
+_WD_SCHEDULES = ("constant", "paper")
 
 #: Datasets read as character windows (tf_codistill.text_data), and the folder
 #: name of their local copy under a data root.
@@ -57,41 +76,6 @@ class ExitStatus(enum.IntEnum):
     # 128 + SIGTERM, as a shell reports a process SIGTERM ended: Kubeflow's restartPolicy ExitCode
     # (128-255: retryable) restarts it, and it is what the launcher reports when it forwards SIGTERM.
     PREEMPTED = 143
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """What a `TrainConfig` field accepts, besides its type and default.
-
-    Attributes:
-        help: The flag's help text.
-        choices: The allowed values (an enum flag for strings).
-        minimum, maximum: Allowed range; `minimum` is exclusive with
-            `above_minimum=True`.
-        unit: Said after the bound in a range error (e.g. "seconds").
-        note: Said after a range or choice error, e.g. what 0 means.
-        check: `check(name, value)` raises ValueError for a bad value (a
-            check of this setting alone; combinations are `validate`'s).
-        name, kind, default, optional: Filled in from the field.
-    """
-
-    help: str
-    choices: tuple | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    above_minimum: bool = False
-    unit: str = ""
-    note: str = ""
-    check: Callable[[str, Any], None] | None = None
-    name: str = ""
-    kind: str = ""  # "int", "float" or "str"
-    default: Any = None
-    optional: bool = False  # None allowed (no value)
-
-
-def setting(default, help: str, **kwargs) -> dataclasses.Field:  # noqa: A002 - absl's word
-    """A `TrainConfig` field: its default and the rest of its `Setting`."""
-    return dataclasses.field(default=default, metadata={"setting": Setting(help=help, **kwargs)})
 
 
 def _not_empty(what: str):
@@ -117,19 +101,25 @@ class TrainConfig:
         "auto",
         "Codistillation: every group sees the same batch (shared, the semantics of per-step "
         "prediction exchange) or each draws its own (independent, the paper's setting). "
-        "auto: independent for the local exchange, shared for horovod.",
-        choices=("auto", "shared", "independent"),
+        "auto: shared for predictions over Horovod, else independent.",
+        choices=("auto", *DATA_ORDERS),
     )
     exchange: str = setting(
+        "predictions",
+        "What the groups exchange: predictions (every step), weights (stale peer copies refreshed "
+        "every --exchange_every steps), or average (no distillation by default: the groups average "
+        "their parameters every --exchange_every steps with an outer Nesterov SGD step, DiLoCo; "
+        "--outer_lr=1 --outer_momentum=0 is local SGD). The older auto, local and horovod still mean "
+        "predictions with that --transport, with a notice.",
+        choices=(*EXCHANGE_KINDS, *LEGACY_EXCHANGES),
+    )
+    transport: str = setting(
         "auto",
-        "How groups exchange: local (all groups in this process, predictions every step), horovod "
-        "(one process per worker, predictions every step over Horovod), or weights (stale peer "
-        "copies refreshed every --exchange_every steps: in this process, over Horovod, or through "
-        "--exchange_dir), or average (no distillation by default: the groups average their parameters "
-        "every --exchange_every steps with an outer Nesterov SGD step, DiLoCo; --outer_lr=1 "
-        "--outer_momentum=0 is local SGD). auto: horovod when launched under Horovod, else local.",
-        # local and horovod: the predictions kind in one process / across processes.
-        choices=("auto", "local", "horovod", *(kind for kind in KINDS if kind != "predictions")),
+        "How the exchange travels: local (every group in this process), horovod (one process per "
+        "worker, launched under Horovod) or directory (weights through --exchange_dir, each group a "
+        "separate job). auto: directory with --exchange_dir, horovod when launched under Horovod, "
+        "else local.",
+        choices=("auto", *TRANSPORTS),
     )
     collective_timeout: float = setting(
         120.0,
@@ -165,20 +155,18 @@ class TrainConfig:
         above_minimum=True,
         unit="seconds",
     )
-    on_stale: str = setting(
-        "keep", "A stale peer: keep its last copy, or drop alpha to 0.", choices=("keep", "drop")
-    )
+    on_stale: str = setting("keep", "A stale peer: keep its last copy, or drop alpha to 0.", choices=ON_STALE)
     collective_implementation: str = setting(
         "auto",
         "All-reduce inside a group of several workers: auto (NCCL on GPU workers, RING otherwise), "
         "ring or nccl.",
-        choices=("auto", "ring", "nccl"),
+        choices=COLLECTIVE_IMPLEMENTATIONS,
     )
     precision: str = setting(
         "float32",
         "Compute precision of the members: float32, mixed_bfloat16 or mixed_float16 (loss scaling); "
         "the task and distillation terms stay float32.",
-        choices=("float32", "mixed_bfloat16", "mixed_float16"),
+        choices=PRECISIONS,
     )
     tpu: str | None = setting(
         None,
@@ -262,10 +250,10 @@ class TrainConfig:
     wd_schedule: str = setting(
         "constant",
         "'paper': weight_decay, then /10 after the first lr decay, then 0 after the second.",
-        choices=("constant", "paper"),
+        choices=_WD_SCHEDULES,
     )
     codistill_wd_schedule: str | None = setting(
-        None, "Weight-decay schedule for the codistillation arm only.", choices=("constant", "paper")
+        None, "Weight-decay schedule for the codistillation arm only.", choices=_WD_SCHEDULES
     )
     alpha: float | None = setting(
         None,
@@ -273,7 +261,7 @@ class TrainConfig:
         minimum=0,
         note="0 turns the distillation term off",
     )
-    distance: str = setting("kl", "Distance to the peers' logits.", choices=("mse", "kl", "reverse_kl"))
+    distance: str = setting("kl", "Distance to the peers' logits.", choices=DISTANCES)
     temperature: float = setting(
         1.0,
         "Softmax temperature for the KL distances.",
@@ -313,10 +301,14 @@ class TrainConfig:
     def arms(self) -> list[str]:
         return ["sync", "codistill"] if self.mode == "both" else [self.mode]
 
-    # The "auto" decisions. Kept as methods for their callers; `validate`
-    # takes them all from one `_decisions()`.
-    def resolved_exchange(self) -> str:
-        return self._decisions().exchange
+    # The "auto" decisions, all taken in one `_decisions()`.
+    def resolved_kind(self) -> str:
+        """The exchange kind: predictions, weights or average."""
+        return self._decisions().kind
+
+    def resolved_transport(self) -> str:
+        """How the exchange travels: local, horovod or directory."""
+        return self._decisions().transport
 
     def resolved_alpha(self) -> float:
         return default_alpha(self.exchange) if self.alpha is None else self.alpha
@@ -324,33 +316,34 @@ class TrainConfig:
     def resolved_data_mode(self) -> str:
         return self._decisions().data_mode
 
-    def under_horovod(self) -> bool:
-        """Launched by horovodrun, or as a TFJob of several workers. Raises
-        ValueError for a TFJob's TF_CONFIG that train.py cannot run."""
-        return self._decisions().under_horovod
-
     def separate_group(self) -> bool:
         """This job trains one group and meets the others in --exchange_dir."""
-        return self._decisions().separate_group
+        return self._decisions().transport == "directory"
+
+    def deprecations(self) -> list[str]:
+        """One line per setting written in a spelling that is still accepted but replaced."""
+        if self.exchange not in LEGACY_EXCHANGES:
+            return []
+        transport = self.transport if self.transport != "auto" else LEGACY_EXCHANGES[self.exchange]
+        new = "--exchange=predictions" + ("" if transport == "auto" else f" --transport={transport}")
+        return [f"--exchange={self.exchange} is deprecated; it means {new}."]
 
     def _decisions(self) -> _Decisions:
         from tf_codistill import topology
 
         # horovodrun / MPIJob, or a TFJob of several workers (bootstrapped by start_runtime)
         launched = topology.multi_process_launch()
-        exchange = self.exchange
-        if exchange == "auto":
-            exchange = "horovod" if launched else "local"
+        kind, transport = self.exchange, self.transport
+        if kind in LEGACY_EXCHANGES:
+            kind = "predictions"
+            if transport == "auto":
+                transport = LEGACY_EXCHANGES[self.exchange]
+        if transport == "auto":
+            transport = "directory" if self.exchange_dir is not None else "horovod" if launched else "local"
         data_mode = self.data_mode
         if data_mode == "auto":
-            data_mode = "shared" if exchange == "horovod" else "independent"
-        return _Decisions(
-            launched=launched,
-            exchange=exchange,
-            data_mode=data_mode,
-            under_horovod=exchange == "horovod" or (exchange not in ("local", "horovod") and launched),
-            separate_group=exchange == "weights" and self.exchange_dir is not None,
-        )
+            data_mode = "shared" if kind == "predictions" and transport == "horovod" else "independent"
+        return _Decisions(launched=launched, kind=kind, transport=transport, data_mode=data_mode)
 
     def validate(self) -> None:
         """Checks every setting, then how they combine.
@@ -374,20 +367,35 @@ class TrainConfig:
             bad(
                 f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one)."
             )
-        if plan.exchange == "horovod" and not plan.launched:
+        legacy = LEGACY_EXCHANGES.get(self.exchange, "auto")
+        if legacy != "auto" and self.transport not in ("auto", legacy):
+            bad(
+                f"--exchange={self.exchange} with --transport={self.transport}: write "
+                f"--exchange=predictions --transport={self.transport}."
+            )
+        if plan.transport == "horovod" and not plan.launched:
             groups = 1 if self.mode == "sync" else self.num_groups
             mode = "sync" if self.mode == "sync" else "codistill"
             bad(
-                "--exchange=horovod runs one process per worker, and this process was not started as "
+                "--transport=horovod runs one process per worker, and this process was not started as "
                 f"one: launch it with `python -m tf_codistill.launch --np {2 * groups} --groups {groups} "
-                f"-- train.py --mode={mode} ...` (or horovodrun), or leave --exchange at auto to train "
+                f"-- train.py --mode={mode} ...` (or horovodrun), or leave --transport at auto to train "
                 "every group in this process."
             )
+        if plan.transport == "local" and plan.launched:
+            bad(
+                "--transport=local trains every group in one process, and this process was started as "
+                "one of several: leave --transport at auto (horovod) or launch a single process."
+            )
         if self.exchange_dir is not None:
-            if plan.exchange != "weights":
+            if plan.kind != "weights":
                 bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
+            if plan.transport != "directory":
+                bad(f"--exchange_dir is the directory transport: drop --transport={self.transport}.")
             check_directory("exchange_dir", self.exchange_dir)
-        if plan.separate_group:
+        elif plan.transport == "directory":
+            bad("--transport=directory needs the shared directory: add --exchange_dir=PATH.")
+        if plan.transport == "directory":
             if self.mode != "codistill":
                 bad("--exchange_dir runs one codistillation group per job: use --mode=codistill.")
             if not 0 <= self.group < self.num_groups:
@@ -397,27 +405,27 @@ class TrainConfig:
                 )
         elif self.group != -1:
             bad("--group only applies with --exchange=weights --exchange_dir=...")
-        if plan.under_horovod or plan.separate_group:
+        if plan.transport != "local":  # a multi-process job, or one job per group
             if self.mode == "both":
                 bad(
                     "--mode=both runs both arms in one process; a multi-process job runs one arm. "
                     "Launch --mode=sync and --mode=codistill separately."
                 )
-            if plan.exchange == "horovod" and self.mode == "codistill" and plan.data_mode == "independent":
+            if plan.kind == "predictions" and self.mode == "codistill" and plan.data_mode == "independent":
                 bad(
-                    "--exchange=horovod swaps predictions on the same examples every step, which "
+                    "--transport=horovod swaps predictions on the same examples every step, which "
                     "needs --data_mode=shared; independent data orders need the stale-weights exchange."
                 )
             if (
-                plan.exchange in ("weights", "average")
+                plan.kind in ("weights", "average")
                 and self.mode == "codistill"
                 and self.data_mode == "shared"
             ):
                 bad(
-                    f"--data_mode=shared: with --exchange={plan.exchange} across jobs or processes every "
+                    f"--data_mode=shared: with --exchange={plan.kind} across jobs or processes every "
                     "group draws its own data order; use --data_mode=independent (or auto)."
                 )
-        if plan.exchange == "average" and self.mode != "sync":
+        if plan.kind == "average" and self.mode != "sync":
             if self.data_mode == "shared":
                 bad("--data_mode=shared: averaged islands reading the same batches stay identical; use auto.")
             if self.exchange_every < 1 or self.exchange_every % self.steps_per_execution:
@@ -428,7 +436,7 @@ class TrainConfig:
         if self.tpu is not None:
             if plan.launched:
                 bad("--tpu: a TPU group is one process driving its TPU; start it without a launcher.")
-            if self.mode == "both" or (self.mode == "codistill" and not plan.separate_group):
+            if self.mode == "both" or (self.mode == "codistill" and plan.transport != "directory"):
                 bad(
                     "--tpu: Horovod does not run on TPUs, so each TPU job trains one group and the groups "
                     "meet in storage: use --mode=codistill --exchange=weights --exchange_dir=gs://... "
@@ -447,7 +455,11 @@ class TrainConfig:
             bad("--backup_every_steps backs up between steps, which needs --steps_per_execution=1.")
         if self.epochs < 1 and self.steps < 1:
             bad("Set --epochs >= 1 or --steps >= 1.")
-        max_seed = (2**32 - self.num_groups) // 1000
+        if self.num_groups > seeds.MAX_GROUPS:
+            bad(
+                f"--num_groups={self.num_groups}: at most {seeds.MAX_GROUPS} (a group is one base-1000 digit of its seed)."
+            )
+        max_seed = seeds.max_seed(self.num_groups)
         if not 0 <= self.seed <= max_seed:
             bad(
                 f"--seed must be in [0, {max_seed}], got {self.seed}: group g's model is seeded "
@@ -560,124 +572,32 @@ class _Decisions:
     """The "auto" settings resolved for this process."""
 
     launched: bool  # under horovodrun / an MPIJob, or a TFJob of several workers
-    exchange: str  # local, horovod or weights
+    kind: str  # predictions, weights or average
+    transport: str  # local, horovod or directory
     data_mode: str  # shared or independent
-    under_horovod: bool
-    separate_group: bool
 
 
-def _settings() -> dict[str, Setting]:
-    out = {}
-    for field in dataclasses.fields(TrainConfig):
-        kind, _, rest = field.type.partition(" |")
-        out[field.name] = dataclasses.replace(
-            field.metadata["setting"],
-            name=field.name,
-            kind=kind,
-            default=field.default,
-            optional=rest.strip() == "None",
-        )
-    return out
-
-
-SETTINGS: dict[str, Setting] = _settings()
+SETTINGS: dict[str, Setting] = settings_of(TrainConfig)
 """Every setting by name, in declaration order."""
-
-_TYPES = {
-    "int": (is_int, "an integer"),
-    "float": (is_number, "a number"),
-    "str": (lambda value: isinstance(value, str), "a string"),
-}
-
-
-def _words(values) -> str:
-    values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def check_setting(name: str, value) -> None:
-    """Checks one setting's value on its own (type, finiteness, choices, range,
-    the setting's own check).
-
-    Raises:
-        KeyError: `name` is not a setting.
-        TypeError: `value` has the wrong type.
-        ValueError: a bad value; the message names the flag.
-    """
-    spec = SETTINGS[name]
-    if value is None and spec.optional:
-        return
-    accepts, what = _TYPES[spec.kind]
-    if not accepts(value):
-        raise TypeError(f"--{name} must be {what}, got {value!r}.")
-    if spec.kind == "float" and not math.isfinite(value):  # nan fails every comparison below
-        raise ValueError(f"--{name} must be a finite number, got {value}.")
-    note = f" ({spec.note})" if spec.note else ""
-    if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"--{name} must be {_words(spec.choices)}{note}; got {value!r}.")
-    low, high = spec.minimum, spec.maximum
-    too_low = low is not None and (value <= low if spec.above_minimum else value < low)
-    if too_low or (high is not None and value > high):
-        unit = f" {spec.unit}" if spec.unit else ""
-        if high is None:
-            bound = f"{'>' if spec.above_minimum else '>='} {low:g}{unit}"
-        else:
-            bound = f"in {'(' if spec.above_minimum else '['}{low:g}, {high:g}]{unit}"
-        raise ValueError(f"--{name} must be {bound}{note}, got {value}.")
-    if spec.check is not None:
-        spec.check(name, value)
+    """`check_value` of setting `name`. Raises KeyError for an unknown name,
+    TypeError or ValueError (naming the flag) for a bad value."""
+    check_value(SETTINGS[name], value)
 
 
 def parse_setting(name: str, text: str):
     """The value of setting `name` written as `text` on a command line.
-
-    Raises:
-        KeyError: `name` is not a setting.
-        ValueError: `text` is not a value of the setting's type.
-    """
-    spec = SETTINGS[name]
-    try:
-        return {"int": int, "float": float, "str": str}[spec.kind](text)
-    except ValueError:
-        raise ValueError(f"--{name} must be {_TYPES[spec.kind][1]}, got {text!r}.") from None
+    Raises KeyError for an unknown name, ValueError for bad text."""
+    return parse_value(SETTINGS[name], text)
 
 
 def define_flags(flag_values=None) -> None:
-    """Defines one absl flag per setting on `flag_values` (absl's global
-    `FLAGS` by default): enums for string settings with choices."""
+    """Defines one absl flag per setting on `flag_values` (absl's global `FLAGS` by default)."""
     from absl import flags
 
-    flag_values = flags.FLAGS if flag_values is None else flag_values
-    for spec in SETTINGS.values():
-        if spec.kind == "str" and spec.choices is not None:
-            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help, flag_values=flag_values)
-        else:
-            define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string}
-            define[spec.kind](spec.name, spec.default, spec.help, flag_values=flag_values)
-
-
-def check_directory(flag: str, path: str, must_write: bool = True) -> None:
-    """Raises ValueError unless `path` is a directory this process can write
-    to, or can create. `must_write=False` accepts an existing read-only
-    directory (e.g. prepared datasets)."""
-    if not path.strip():
-        raise ValueError(f"--{flag} is empty: give a directory.")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) and not path.startswith("file://"):
-        return  # gs://, ram://, ...: probed through tf.io.gfile when the run starts
-    path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"--{flag}={path} is an existing file, not a directory; choose another path.")
-        if must_write and not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"--{flag}={path} is not writable; choose a directory you can write to.")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--{flag}={path} cannot be created: {parent} is a file, not a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag}={path} cannot be created: {parent} is not writable.")
+    define_absl_flags(SETTINGS.values(), flags.FLAGS if flag_values is None else flag_values)
 
 
 # The milestone presets' names; their values are schedules.MILESTONE_PRESETS

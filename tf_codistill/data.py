@@ -28,7 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
-from tf_codistill import text_data
+from tf_codistill import seeds, text_data
 from tf_codistill.checks import check_int, is_int, is_number
 from tf_codistill.datasets.mnist1d import Mnist1d, config_for
 
@@ -253,7 +253,7 @@ def _check_batch_size(batch_size) -> None:
 
 
 def _check_part(name: str, part) -> None:
-    """`shard` / `slice_of`: None or (index, count) with 0 <= index < count."""
+    """`shard`: None or (index, count) with 0 <= index < count."""
     if part is None:
         return
     try:
@@ -284,8 +284,6 @@ def train_batches(
     batch_size: int,
     seed: int,
     data_dir: str | None = None,
-    shard: tuple[int, int] | None = None,
-    slice_of: tuple[int, int] | None = None,
     skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Endless shuffled training batches `(x, y)` of exactly `batch_size`.
@@ -294,33 +292,21 @@ def train_batches(
     tf.data shuffle does): set the global seed (`keras.utils.set_random_seed`)
     to the same value before building pipelines that must match.
 
+    A group's workers split each batch among themselves with
+    `Runtime.dataset`, which slices the stream this function gives.
+
     Args:
-        shard: `(index, count)` to read only every count-th example.
-        slice_of: `(index, count)`: yield only slice `index` of `count` equal
-            slices of each batch. Workers that use the same seed and batch
-            size and take different slices together see exactly the batches
-            one process would see (the way a group's workers split its batch).
         skip_batches: start after this many batches of the stream (a resumed
             run continues the uninterrupted run's data order).
     """
     _check_batch_size(batch_size)
-    _check_part("shard", shard)
-    _check_part("slice_of", slice_of)
     if not (is_int(skip_batches) and skip_batches >= 0):
         raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
     if spec.is_text:
-        if shard is not None or slice_of is not None:
-            raise ValueError("text windows are drawn per seed; shard and slice_of do not apply.")
         return text_data.train_windows(spec, batch_size, seed, skip_batches)
-    ds = _split(spec, spec.train_split, data_dir, shard)
+    ds = _split(spec, spec.train_split, data_dir, None)
     ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
-    if slice_of is not None:
-        index, count = slice_of
-        if batch_size % count:
-            raise ValueError(f"batch_size={batch_size} does not split into {count} equal slices.")
-        part = batch_size // count
-        ds = ds.map(lambda x, y: (x[index * part : (index + 1) * part], y[index * part : (index + 1) * part]))
     if skip_batches:
         ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -335,9 +321,11 @@ def independent_batches(
     skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Endless `((x_0, ..., x_{n-1}), (y_0, ..., y_{n-1}))`: each member its own
-    data order (seed + member index)."""
+    data order (`seeds.group_seed(seed, i, "data")`, as `Runtime.dataset` gives group i)."""
     streams = [
-        train_batches(spec, batch_size, seed + 1000 * i, data_dir, skip_batches=skip_batches)
+        train_batches(
+            spec, batch_size, seeds.group_seed(seed, i, "data"), data_dir, skip_batches=skip_batches
+        )
         for i in range(num_members)
     ]
     zipped = tf.data.Dataset.zip(tuple(streams))

@@ -199,11 +199,8 @@ def _warn_if_kl_of_logits(loss) -> None:
         )
 
 
-DISTANCES = {
-    "mse": LogitMSE,
-    "kl": KLDivergence,
-    "reverse_kl": ReverseKLDivergence,
-}
+#: The distances by name (their names are `tf_codistill.choices.DISTANCES`, in this order).
+DISTANCES = {cls.name: cls for cls in (LogitMSE, KLDivergence, ReverseKLDivergence)}
 
 
 def get_distance(

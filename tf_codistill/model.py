@@ -23,6 +23,7 @@ from keras import ops
 from tf_codistill import keras_compat, model_inputs, positions, task
 from tf_codistill.callbacks import PeerFailureError, TrainingHooksMixin
 from tf_codistill.checks import check_int, check_number, is_int, is_number
+from tf_codistill.choices import DATA_MODES
 from tf_codistill.exchange import Exchange, LocalExchange
 from tf_codistill.losses import get_distance
 from tf_codistill.model_metrics import MetricsBook
@@ -30,12 +31,6 @@ from tf_codistill.model_saving import SavingMixin
 from tf_codistill.schedules import AlphaSchedule, Schedule
 
 __all__ = ["CodistillModel", "DATA_MODES", "PeerFailureError"]
-
-#: Accepted `data_mode` values. "auto" (the default) reads nested per-member
-#: batches `((x_0, ...), (y_0, ...))` as "independent" and splits a plain
-#: `(x, y)` batch across the local members ("split"), the way `tf.distribute`
-#: splits a global batch across replicas; with one member it is "shared".
-DATA_MODES = ("auto", "shared", "independent", "split")
 
 
 def _num_replicas() -> int:

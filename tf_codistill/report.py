@@ -11,7 +11,7 @@ import time
 
 import keras
 
-from tf_codistill import files
+from tf_codistill import files, traffic
 from tf_codistill.results import RunResult
 
 __all__ = ["EpochLine", "EpochTimer", "keras_verbose", "plot_runs", "plot_histories", "format_table"]
@@ -134,7 +134,7 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
     outputs = spec.num_classes * (spec.context or 1)  # logits per example
     if runtime.distributed or runtime.separate_group:
         group_size = runtime.topology.group_size if runtime.distributed else 1
-        in_group = 2 * (group_size - 1) / group_size * num_params * 4
+        in_group = traffic.allreduce_bytes(num_params, group_size)
         cross_group = (
             exchange.bytes_sent_per_step(batch // group_size, outputs, num_params) if exchange else 0.0
         )
@@ -148,12 +148,11 @@ def _traffic(config, runtime, exchange, groups: int, batch: int, spec, num_param
         if groups > 1:
             # An all-gather of every group's logits: each worker sends its own
             # (batch x classes) block to each of the other groups.
-            equivalent = (groups - 1) * batch * outputs * 4
+            equivalent = traffic.allgather_bytes(batch, outputs, groups)
         else:
             # Ring all-reduce of the gradient over as many workers as the
             # codistillation arm has groups.
-            workers = max(config.num_groups, 1)
-            equivalent = 2 * (workers - 1) / workers * num_params * 4
+            equivalent = traffic.allreduce_bytes(num_params, max(config.num_groups, 1))
     return in_group, cross_group, sent, equivalent
 
 

@@ -14,7 +14,7 @@ import time
 import keras
 
 from tf_codistill import backup as backup_mod
-from tf_codistill import files
+from tf_codistill import files, seeds
 from tf_codistill import runtime as runtime_mod
 from tf_codistill.config import TrainConfig, parse_milestones
 from tf_codistill.preemption import Preempted, PreemptionHandler
@@ -206,20 +206,21 @@ class ArmPlan:
 def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
     """The runtime of one arm: joins the job on the first call in a
     multi-process launch (before any other TensorFlow op)."""
-    exchange = config.resolved_exchange()
+    kind, transport = config.resolved_kind(), config.resolved_transport()
     codistill = arm == "codistill"
-    separate = codistill and config.separate_group()
+    separate = codistill and transport == "directory"
+    local_predictions = codistill and kind == "predictions" and transport == "local"
     return runtime_mod.init(
         num_groups=config.num_groups if codistill else 1,
         collective_implementation=config.collective_implementation,
         precision=config.precision,
         tpu=config.tpu,
-        # train.py's local and horovod are the predictions kind in one process and across processes.
-        exchange={"local": "predictions", "horovod": "predictions"}.get(exchange, exchange),
+        exchange=kind,
+        transport=transport if codistill else "auto",
         exchange_every=config.exchange_every,
         exchange_dir=config.exchange_dir if separate else None,
         group=config.group if separate else None,
-        data_mode=config.resolved_data_mode() if codistill and exchange == "local" else None,
+        data_mode=config.resolved_data_mode() if local_predictions else None,
         seed=config.seed,
         peer_timeout=config.peer_timeout,
         on_stale=config.on_stale,
@@ -321,7 +322,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     val_ds = _test_data(config, spec, rt, spec.validation_split) if spec.validation_split else test_ds
     with rt.scope():
         exchange = rt.exchange()
-        members = rt.members(lambda g: model_fn(spec, config.seed * 1000 + g))
+        members = rt.members(lambda g: model_fn(spec, seeds.group_seed(config.seed, g, "init")))
         model = CodistillModel(
             members,
             distance=config.distance,

@@ -20,15 +20,11 @@ The same user script runs in one process (every group local), under
 follows from it (which groups this process trains, the data mode, the
 transport, the seeds); the `Runtime` it returns hands them out.
 
-Exchange kinds:
+Exchange kinds (`tf_codistill.choices.EXCHANGE_KINDS`):
   * ``"predictions"``: every step the groups swap logits on the same
-    examples (all groups in this process, or one Horovod all-gather per step
-    across processes). Paired workers of different groups read identical
-    batches.
+    examples. Paired workers of different groups read identical batches.
   * ``"weights"``: every `exchange_every` steps the groups swap frozen
-    copies of their weights (in this process, over Horovod, or through the
-    shared directory `exchange_dir`, where each job trains group `group`).
-    Every group reads its own data order.
+    copies of their weights. Every group reads its own data order.
   * ``"average"``: the groups are islands that average their parameter
     deltas every `exchange_every` = H steps; an outer optimizer (SGD with
     `outer_learning_rate` and Nesterov `outer_momentum`) moves the shared
@@ -36,6 +32,11 @@ Exchange kinds:
     outer_momentum=0` is plain local SGD). In this process, or one Horovod
     all-reduce every H steps across processes. Every island reads its own
     data order; `CodistillModel`'s alpha defaults to 0 with it.
+
+Transports (`tf_codistill.choices.TRANSPORTS`): ``"local"`` (every group in
+this process), ``"horovod"`` (one process per worker: Horovod collectives
+across groups) or ``"directory"`` (weights only: snapshots in the shared
+directory `exchange_dir`, each job training group `group`).
 """
 
 from __future__ import annotations
@@ -45,14 +46,20 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tf_codistill import seeds
 from tf_codistill.checks import check_int, is_number
-from tf_codistill.exchange.factory import KINDS
+from tf_codistill.choices import (
+    COLLECTIVE_IMPLEMENTATIONS,
+    DATA_ORDERS,
+    EXCHANGE_KINDS,
+    ON_STALE,
+    PRECISIONS,
+    TRANSPORTS,
+)
 
-__all__ = ["EXCHANGES", "Runtime", "init"]
+__all__ = ["EXCHANGES", "TRANSPORTS", "PRECISIONS", "Runtime", "init"]
 
-EXCHANGES = tuple(KINDS)
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-_DATA_MODES = ("shared", "independent")
+EXCHANGES = tuple(EXCHANGE_KINDS)
 _JOINED: dict = {}  # the Horovod job this process joined (at most one per process)
 
 
@@ -64,6 +71,7 @@ class Runtime:
         num_groups: groups (models) in the whole job; 1 is plain synchronous
             training with no exchange.
         exchange_kind: ``"predictions"``, ``"weights"`` or ``"average"``.
+        transport: how it travels: ``"local"``, ``"horovod"`` or ``"directory"``.
         data_mode: what `CodistillModel` takes: ``"shared"`` (every local
             member sees the same batch; always so with one local member) or
             ``"independent"`` (each its own).
@@ -74,12 +82,14 @@ class Runtime:
         topology: the Horovod job's `Topology`, or None in one process.
         strategy: the group's `tf.distribute` strategy (MultiWorkerMirrored
             inside a group of several workers, else the default strategy).
-        seed: the base seed; group g's data order uses `seed + 1000 * g`
-            under the weights exchange, `seed` under predictions.
+        seed: the base seed; group g's data order uses
+            `seeds.group_seed(seed, g, "data")` where each group reads its
+            own order, `seed` where the groups read the same batches.
     """
 
     num_groups: int
     exchange_kind: str
+    transport: str
     data_mode: str
     data_orders: str
     local_groups: tuple[int, ...]
@@ -136,7 +146,7 @@ class Runtime:
     @property
     def separate_group(self) -> bool:
         """This job trains one group and meets the others in `exchange_dir`."""
-        return self.exchange_dir is not None
+        return self.transport == "directory"
 
     def scope(self):
         """The group's strategy scope: build members, exchange and optimizer in it."""
@@ -222,7 +232,9 @@ class Runtime:
     def group_seed(self, group: int) -> int:
         """The data seed of `group`: one for all under predictions (paired
         workers read the same batches), one per group under weights."""
-        return self.seed + 1000 * group if self.data_orders == "independent" else self.seed
+        if self.data_orders == "independent":
+            return seeds.group_seed(self.seed, group, "data")
+        return self.seed
 
     # results ---------------------------------------------------------------
     def gather(self, obj) -> list:
@@ -286,6 +298,7 @@ def init(
     num_groups: int = 2,
     exchange: str = "predictions",
     *,
+    transport: str = "auto",
     exchange_every: int = 50,
     exchange_dir: str | None = None,
     group: int | None = None,
@@ -307,13 +320,17 @@ def init(
     group. `HOROVOD_RANK` (horovodrun, the project launcher, an MPIJob): this
     process joins the Horovod job, which is split into `num_groups` groups of
     equal size. A Kubeflow TFJob's `TF_CONFIG` of several tasks: the tasks
-    become a Horovod job first (`topology.bootstrap_from_tf_config`).
+    become a Horovod job first (`tfjob.bootstrap_from_tf_config`).
 
     Args:
         num_groups: groups (models) in the job; 1 is the synchronous baseline.
         exchange: ``"predictions"`` (every step), ``"weights"`` (every
             `exchange_every` steps) or ``"average"`` (parameter averaging
             every `exchange_every` steps).
+        transport: ``"local"`` (every group in this process), ``"horovod"``
+            (a multi-process launch) or ``"directory"`` (weights through
+            `exchange_dir`); ``"auto"``: directory with `exchange_dir`,
+            horovod when launched as one of several processes, else local.
         exchange_every: weights: refresh the peers' copies every K steps (0:
             never); average: H, the steps between outer steps (>= 1).
         exchange_dir: weights through this shared directory (any
@@ -358,15 +375,13 @@ def init(
     if not is_number(outer_momentum) or not 0 <= outer_momentum < 1:
         raise ValueError(f"outer_momentum must be in [0, 1) (0: no momentum), got {outer_momentum!r}.")
     check_int("seed", seed, 0)
-    if data_mode is not None and data_mode not in _DATA_MODES:
-        raise ValueError(f"data_mode must be one of {_DATA_MODES} or None, got {data_mode!r}.")
+    if data_mode is not None and data_mode not in DATA_ORDERS:
+        raise ValueError(f"data_mode must be one of {DATA_ORDERS} or None, got {data_mode!r}.")
     for name, value in (("peer_timeout", peer_timeout), ("collective_timeout", collective_timeout)):
         if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}.")
-    if on_stale not in ("keep", "drop"):
-        raise ValueError(f"on_stale must be 'keep' or 'drop', got {on_stale!r}.")
-    from tf_codistill.topology import COLLECTIVE_IMPLEMENTATIONS
-
+    if on_stale not in ON_STALE:
+        raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}.")
     if collective_implementation not in COLLECTIVE_IMPLEMENTATIONS:
         raise ValueError(
             f"collective_implementation must be one of {COLLECTIVE_IMPLEMENTATIONS}, got {collective_implementation!r}."
@@ -392,22 +407,45 @@ def init(
             )
     elif group is not None:
         raise ValueError("group only applies with exchange_dir (each job trains one group).")
+    if transport != "auto" and transport not in TRANSPORTS:
+        raise ValueError(f"transport must be 'auto' or one of {TRANSPORTS}, got {transport!r}.")
 
     from tf_codistill import topology
+
+    launched = topology.multi_process_launch()
+    if transport == "auto":
+        transport = "directory" if exchange_dir is not None else "horovod" if launched else "local"
+    if (transport == "directory") != (exchange_dir is not None):
+        raise ValueError(
+            "transport='directory' and exchange_dir go together: the directory transport reads and "
+            "writes the snapshots in exchange_dir."
+        )
+    if transport == "horovod" and not launched:
+        raise ValueError(
+            "transport='horovod' needs one process per worker: launch with `python -m tf_codistill.launch`, "
+            "horovodrun, an MPIJob or a TFJob, or pass transport='auto'."
+        )
+    if transport == "local" and launched:
+        raise ValueError(
+            "transport='local' trains every group in this process, but it was launched as one of "
+            "several: pass transport='auto' (horovod)."
+        )
 
     # Data orders: under predictions every group reads the same batches (the
     # peers' logits are on the member's own examples); under weights each
     # group its own. One process may choose otherwise (the paper's
     # Algorithm 1: independent orders, peers run an extra forward pass).
-    orders = KINDS[exchange] if num_groups > 1 else "shared"
-    if topology.multi_process_launch():
+    orders = EXCHANGE_KINDS[exchange] if num_groups > 1 else "shared"
+    if launched:
         if data_mode is not None and data_mode != orders:
             raise ValueError(
                 f"data_mode={data_mode!r} does not fit the {exchange} exchange across processes: "
                 "predictions need every pair to read the same batches (shared), weights let every "
                 "group read its own order (independent). Leave data_mode unset."
             )
-        topology.bootstrap_from_tf_config(collective_timeout)  # a TFJob's tasks; no-op under horovodrun
+        from tf_codistill import tfjob
+
+        tfjob.bootstrap_from_tf_config(collective_timeout)  # a TFJob's tasks; no-op under horovodrun
         job_groups = 1 if exchange_dir is not None else num_groups
         if _JOINED and _JOINED["groups"] != job_groups:
             raise ValueError(
@@ -439,6 +477,7 @@ def init(
     return Runtime(
         num_groups=num_groups,
         exchange_kind=exchange,
+        transport=transport,
         data_mode=orders if len(local) > 1 else "shared",
         data_orders=orders,
         local_groups=tuple(local),

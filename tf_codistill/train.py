@@ -141,6 +141,8 @@ def main(argv, model_fn=None):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     config = TrainConfig(**{name: FLAGS[name].value for name in config_module.SETTINGS})
+    for note in config.deprecations():  # an older spelling, still accepted
+        print(f"train.py: note: {note}", file=sys.stderr)
     workdir = FLAGS.workdir
     try:
         check_directory("workdir", workdir)

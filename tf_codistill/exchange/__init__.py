@@ -1,13 +1,13 @@
 """How peer predictions reach each member: one interface, several transports.
 
-Names are imported on first use: `KINDS` (the exchange kinds a runtime can
-make) is read by the settings without loading TensorFlow, and Horovod is
-only needed once a multi-process run uses it.
+Names are imported on first use: Horovod is only needed once a
+multi-process run uses it. The kinds and transports are
+`tf_codistill.choices.EXCHANGE_KINDS` and `TRANSPORTS`.
 """
 
 import importlib
 
-from tf_codistill.exchange.factory import KINDS, make_exchange
+from tf_codistill.exchange.factory import make_exchange
 
 _EXPORTS = {
     "AveragingExchange": "tf_codistill.exchange.average",
@@ -21,7 +21,6 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: F822 - the classes come through __getattr__
-    "KINDS",
     "AveragingExchange",
     "DirectoryTransport",
     "Exchange",

@@ -38,6 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_codistill import traffic
 from tf_codistill.callbacks import ParameterAveraging
 from tf_codistill.checks import check_int
 from tf_codistill.exchange.base import Exchange
@@ -191,8 +192,7 @@ class AveragingExchange(Exchange):
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         # A ring all-reduce of the parameters (float32) over the islands every H steps.
-        groups = self._islands
-        return 2.0 * (groups - 1) / groups * num_params * 4 / self.every
+        return traffic.allreduce_bytes(num_params, self._islands, self.every)
 
     # between steps -----------------------------------------------------------
     def start(self, step: int) -> None:

@@ -1,19 +1,12 @@
-"""One place that turns a runtime's exchange kind into an `Exchange`.
+"""One place that turns a runtime's exchange kind and transport into an `Exchange`.
 
-A new kind of exchange is a module in this folder, its name in `KINDS` and a
-branch in `make_exchange`; nothing outside `exchange/` changes (the runtime,
-train.py's `--exchange` choices and the study checks read `KINDS`).
+A new kind of exchange is a module in this folder, its name in
+`tf_codistill.choices.EXCHANGE_KINDS` and a branch in `make_exchange` (the
+runtime, train.py's `--exchange` choices and the study checks read the
+choice list).
 """
 
 from __future__ import annotations
-
-# The kinds a runtime can make, each with the data orders its groups read:
-# "predictions" every step (local in one process, a Horovod all-gather across
-# processes) needs every pair of workers to read the same batches; "weights"
-# (a frozen copy of each peer every K steps) lets every group read its own;
-# "average" (islands averaging their parameters every H steps: local SGD,
-# DiLoCo) needs every island to read its own.
-KINDS = {"predictions": "shared", "weights": "independent", "average": "independent"}
 
 
 def make_exchange(runtime):
@@ -24,7 +17,7 @@ def make_exchange(runtime):
     if runtime.num_groups == 1:
         return None
     if runtime.exchange_kind == "predictions":
-        if not runtime.distributed:
+        if runtime.transport == "local":
             return None
         from tf_codistill.exchange.horovod import HorovodExchange
 
@@ -32,10 +25,10 @@ def make_exchange(runtime):
     if runtime.exchange_kind == "weights":
         from tf_codistill.exchange import weights
 
-        if runtime.separate_group:
+        if runtime.transport == "directory":
             # One writer per group: the job's rank 0 (the job is one group).
             transport = weights.DirectoryTransport(runtime.exchange_dir, writer=runtime.is_chief)
-        elif runtime.distributed:
+        elif runtime.transport == "horovod":
             transport = weights.HorovodWeightsTransport(runtime.topology, runtime.pair_set, runtime.group_set)
         else:
             transport = weights.LocalTransport()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from tf_codistill import traffic
 from tf_codistill.exchange.base import Exchange
 from tf_codistill.topology import Topology
 
@@ -122,4 +123,4 @@ class HorovodExchange(Exchange):
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
         # Ring all-gather: each worker's own block travels to each other group.
-        return float((self.topology.num_groups - 1) * batch_size * num_classes * 4)
+        return traffic.allgather_bytes(batch_size, num_classes, self.topology.num_groups)

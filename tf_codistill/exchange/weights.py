@@ -37,9 +37,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_codistill import files
+from tf_codistill import files, traffic
 from tf_codistill.callbacks import StaleWeightsRefresh
 from tf_codistill.checks import check_int, is_number
+from tf_codistill.choices import ON_STALE
 from tf_codistill.exchange.base import Exchange
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger("tf_codistill")
 
-ON_STALE = ("keep", "drop")
 _SNAPSHOT = re.compile(r"^step\d+\.npz$")
 
 
@@ -273,7 +273,6 @@ class DirectoryTransport(Transport):
 
     def start(self, own_groups, peer_groups, shapes):
         self._stop.clear()
-        self._own = list(own_groups)
         self._peers = list(peer_groups)
         self._shapes = [tuple(s) for s in shapes]
         self._poll_once()
@@ -493,10 +492,8 @@ class StaleWeightsExchange(Exchange):
         ]
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
-        if self.every == 0:
-            return 0.0
         # One model (float32) to each other group every `every` steps.
-        return float((self.num_groups(1) - 1) * num_params * 4) / self.every
+        return traffic.stale_weights_bytes(num_params, self.num_groups(1), self.every)
 
     # refresh (between steps, on the training thread) -------------------------
     def _own_snapshots(self, step: int) -> list[Snapshot]:
