@@ -64,7 +64,7 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
-from tf_codistill import config, stats
+from tf_codistill import config, selection, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ _STUDY_KEYS = (
     "metric",
 )
 _ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
-_SELECT = ("test_accuracy", "train_loss")
+_SELECT = ("test_accuracy", "train_loss", *selection.SELECT)
 # What a study compares: test accuracy (classifiers), or validation NLL in nats
 # per token (language models: chosen and compared on validation, test beside it).
 _METRICS = ("accuracy", "nll")
@@ -300,7 +300,7 @@ def load_study(path: str) -> dict:
         raise ValueError(f"{path}: `metric` must be one of {list(_METRICS)}; got {study['metric']!r}.")
     if study["metric"] == "nll" and (target is not None or any("grid" in arm for arm in arms)):
         raise ValueError(f'{path}: metric = "nll" takes no `target_accuracy` and no `[arms.grid]`.')
-    study.setdefault("select", "test_accuracy")
+    selection.check(path, study)  # a validation criterion where the dataset has one, else test_accuracy
     if study["select"] not in _SELECT:
         raise ValueError(f"{path}: `select` must be one of {list(_SELECT)}; got {study['select']!r}.")
     study["arms"] = [expanded for arm in arms for expanded in _expand_grid(path, arm)]
@@ -619,6 +619,8 @@ class _Data:
     def _choose(self, labels: list[str]) -> str:
         if len(labels) == 1:
             return labels[0]
+        if self.study["select"] in selection.SELECT:
+            return selection.choose(self, labels)
         return max(labels, key=self.score)  # the first of equals, in file order
 
     def accuracies(self, base: str, key: str = "test_accuracy") -> list[float]:
@@ -1080,7 +1082,8 @@ def _study_lines(study: dict, data: _Data, image_dir: str, config_shown: str) ->
         lines += _comparison_table(items, "comparison (test accuracy) | difference, points", 100, 2)
         lines += ["", _finding(study, items), ""]
     grids = [base for base, labels in data.points.items() if len(labels) > 1]
-    if grids:
+    lines += selection.report_lines(data, lambda label, key: _effective(study, data.by_label[label], key))
+    if grids and study["select"] not in selection.SELECT:
         how = (
             "highest mean final test accuracy over seeds. That is the test set itself (train.py holds out "
             "no validation split), so the chosen point's accuracy is optimistic: it is the best of the grid"
