@@ -71,6 +71,12 @@ def check(path: str, study: dict) -> None:
         )
     if select == "val_updates_to_target" and study.get("target_accuracy") is None:
         raise ValueError(f'{path}: select = "val_updates_to_target" needs `target_accuracy`.')
+    flag = study.get("common", {}).get("target_accuracy")
+    if flag is not None and flag != study.get("target_accuracy"):
+        raise ValueError(
+            f"{path}: [common] target_accuracy = {flag!r} (where train.py stops) differs from the study's "
+            f"target_accuracy = {study.get('target_accuracy')!r} (what the report measures); make them equal."
+        )
 
 
 def updates_to_target(accuracy: Sequence[float], updates: Sequence[int], target: float) -> int | None:
