@@ -120,3 +120,26 @@ def test_the_critical_batch_fit_and_knee():
     assert selection.knee(points) == 512
     assert selection.knee([(64, 400), (128, 200)]) is None
     assert selection.fit_critical_batch([(64, 100)]) is None
+
+
+def test_the_scale_out_study_files_are_valid_train_configs():
+    """Every arm of the scale-out stages (grid points included) passes train.py's checks."""
+    import os
+
+    from tf_codistill import config, fresh_data
+
+    root = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "scale_out"
+    )
+    paths = [os.path.join(root, "critical_batch.toml")]
+    paths += [os.path.join(root, "stage2", name) for name in ("tune.toml", "decision.toml")]
+    for path in paths:
+        spec = study.load_study(path)
+        assert open(path).readline().startswith("# python -m tf_codistill.study")
+        assert len(spec["seeds"]) >= 3 and spec["select"] in selection.SELECT
+        for arm in spec["arms"]:
+            train = config.TrainConfig(**{**spec["common"], **study._train_settings(arm)})
+            train.validate()
+            assert train.check_run_length(fresh_data.STREAM_SIZE) == []
+            assert train.steps_per_epoch <= 25  # validation at least every 25 updates
+    assert not set(study.load_study(paths[1])["seeds"]) & set(study.load_study(paths[2])["seeds"])
