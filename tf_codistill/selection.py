@@ -32,6 +32,7 @@ __all__ = [
     "SELECT",
     "VALIDATION_DATASETS",
     "check",
+    "curve_split",
     "updates_to_target",
     "choose",
     "edges",
@@ -77,6 +78,11 @@ def check(path: str, study: dict) -> None:
             f"{path}: [common] target_accuracy = {flag!r} (where train.py stops) differs from the study's "
             f"target_accuracy = {study.get('target_accuracy')!r} (what the report measures); make them equal."
         )
+
+
+def curve_split(study: dict) -> str:
+    """Which split a study's curves (`val_accuracy`) were measured on."""
+    return "validation" if study.get("common", {}).get("dataset") in VALIDATION_DATASETS else "test"
 
 
 def updates_to_target(accuracy: Sequence[float], updates: Sequence[int], target: float) -> int | None:
