@@ -259,13 +259,18 @@ def report_lines(data, effective: Callable[[str, str], object]) -> list[str]:
         )
         if fit is not None:
             lines.append(
-                f"Fit S(b) = S_min (1 + B_noise / b) (McCandlish et al. 2018): S_min = {fit[0]:,.0f} updates, "
-                f"B_noise = {fit[1]:,.0f} examples (the critical batch)."
+                f"Fit S(b) = S_min (1 + B_noise / b) (McCandlish et al. 2018) to {len(points)} batch sizes"
+                f"{' (two parameters, two points: an exact fit, not a test of the form)' if len(points) == 2 else ''}: "
+                f"S_min = {fit[0]:,.0f} updates, B_noise = {fit[1]:,.0f} examples (the critical batch)."
             )
-        lines.append(
-            f"Knee: doubling b saves less than a third of the updates from b = {found:,}."
-            if found is not None
-            else "Knee: every doubling measured still saves a third of the updates or more (no knee in range)."
-        )
+        doublings = [b for b, _ in points if 2 * b in dict(points)]
+        if found is not None:
+            lines.append(f"Knee: doubling b saves less than a third of the updates from b = {found:,}.")
+        elif doublings:
+            lines.append(
+                "Knee: every doubling measured still saves a third of the updates or more (none in range)."
+            )
+        else:
+            lines.append("Knee: not measured (no two batch sizes a doubling apart).")
         lines.append("")
     return lines
