@@ -17,12 +17,13 @@ from collections.abc import Callable
 
 import keras
 
-from models import cnn1d, mlp, resnet, transformer
+from models import cnn1d, cnn1d_norm, mlp, resnet, transformer
 
 __all__ = ["MODELS", "build_model", "count_params"]
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "cnn1d": cnn1d.build,
+    "cnn1d_norm": cnn1d_norm.build,
     "mlp": mlp.build,
     "resnet20": resnet.build_resnet20,
     "resnet50": resnet.build_resnet50,

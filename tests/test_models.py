@@ -5,6 +5,7 @@ from models import MODELS, build_model, count_params
 
 SHAPES = {
     "cnn1d": (40,),
+    "cnn1d_norm": (40,),
     "mlp": (40,),
     "resnet20": (32, 32, 3),
     "resnet50": (64, 64, 3),

@@ -150,7 +150,11 @@ def test_fixture_report_numbers_by_hand():
 
 
 # Each folder of study files and where `make study` / `make study-large` write its results.
-_STUDY_FOLDERS = (("experiments", "docs/results"), ("experiments/large", "docs/results/large"))
+_STUDY_FOLDERS = (
+    ("experiments", "docs/results"),
+    ("experiments/large", "docs/results/large"),
+    ("experiments/scale_out/probe", "docs/results/scale_out/probe"),
+)
 
 
 def _committed_studies(folder):

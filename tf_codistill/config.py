@@ -61,6 +61,9 @@ _WD_SCHEDULES = ("constant", "paper")
 #: Datasets read as character windows (tf_codistill.text_data), and the folder
 #: name of their local copy under a data root.
 TEXT_DATASETS = {"tiny_shakespeare": "tinyshakespeare"}
+#: Datasets whose training examples are generated fresh, never repeated
+#: (tf_codistill.fresh_data): a stream, a fixed validation and test split.
+FRESH_DATASETS = ("mnist1d_fresh",)
 
 
 class ExitStatus(enum.IntEnum):
@@ -176,7 +179,8 @@ class TrainConfig:
     )
     dataset: str = setting(
         "mnist1d",
-        "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...",
+        "TFDS name: mnist1d, mnist1d/n<samples>, digits, cifar10, ...; mnist1d_fresh: every training example "
+        "generated fresh (never repeated), fixed validation and test splits.",
         check=_not_empty("give a name such as mnist1d, mnist1d/n<samples>, digits or cifar10."),
     )
     data_dir: str | None = setting(None, "TFDS data directory (TFDS's default when unset).")
@@ -190,7 +194,10 @@ class TrainConfig:
     context: int = setting(
         64, "Text datasets (tiny_shakespeare): characters per window, the model's context.", minimum=1
     )
-    model: str = setting("cnn1d", "Model name: cnn1d, mlp, resnet20, resnet50, transformer.")
+    model: str = setting(
+        "cnn1d",
+        "Model name: cnn1d, cnn1d_norm (GroupNorm, for large rates), mlp, resnet20, resnet50, transformer.",
+    )
     layers: int = setting(4, "transformer: blocks.", minimum=1)
     heads: int = setting(4, "transformer: attention heads per block (they divide --width).", minimum=1)
     width: int = setting(128, "transformer: model width (embedding size).", minimum=1)
@@ -244,6 +251,20 @@ class TrainConfig:
         None, "Milestones for the codistillation arm only.", check=_milestones
     )
     warmup_epochs: float = setting(2.0, "Linear warmup length in (sync) epochs.", minimum=0)
+    warmup_steps: int = setting(
+        0, "Linear warmup length in updates; overrides --warmup_epochs when > 0.", minimum=0, unit="updates"
+    )
+    target_accuracy: float = setting(
+        0.0,
+        "Record the updates to this validation accuracy (the first evaluation at or above it) in "
+        "results.json; 0: none.",
+        minimum=0,
+        maximum=1,
+        note="0: no target",
+    )
+    stop_at_target: int = setting(
+        0, "1: end an arm at its first evaluation at or above --target_accuracy.", choices=(0, 1)
+    )
     weight_decay: float = setting(
         1e-4, "L2 weight decay on kernels (the constant, or the first value).", minimum=0
     )
@@ -493,6 +514,18 @@ class TrainConfig:
                     f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
                 )
 
+        if self.dataset in FRESH_DATASETS and (self.steps < 1 or self.steps_per_epoch < 1):
+            bad(
+                f"--dataset={self.dataset} is an endless stream of fresh examples: give the run's length "
+                "with --steps and the updates between evaluations with --steps_per_epoch (e.g. 25)."
+            )
+        if self.stop_at_target and not self.target_accuracy:
+            bad("--stop_at_target=1 needs --target_accuracy in (0, 1].")
+        if self.stop_at_target and (plan.launched or plan.separate_group):
+            bad(
+                "--stop_at_target=1 runs in one process only: groups in separate processes would stop at "
+                "different steps. Leave it at 0 (results.json still records the updates to the target)."
+            )
         text = self.dataset in TEXT_DATASETS
         if text != (self.model == "transformer"):
             bad(
@@ -543,12 +576,15 @@ class TrainConfig:
                 f"stays 0 and the groups never distil; use fewer than {total} burn-in steps."
             )
         warnings = []
-        warmup = int(round(self.warmup_epochs * steps_per_epoch))
+        warmup = self.warmup_steps or int(round(self.warmup_epochs * steps_per_epoch))
         if warmup >= total:
+            given = (
+                f"--warmup_steps={warmup}" if self.warmup_steps else f"--warmup_epochs={self.warmup_epochs:g}"
+            )
             warnings.append(
-                f"--warmup_epochs={self.warmup_epochs:g} is {warmup} steps, not shorter than the run "
+                f"{given} is {warmup} steps, not shorter than the run "
                 f"({total} steps): it is cut to {max(total - 1, 0)} steps, so the learning rate peaks only "
-                "at the last step. Lower --warmup_epochs."
+                "at the last step. Shorten the warmup."
             )
         if (
             self.mode != "sync"

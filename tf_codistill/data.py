@@ -28,7 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tf_codistill.datasets  # noqa: F401  (registers mnist1d and digits)
-from tf_codistill import seeds, text_data
+from tf_codistill import fresh_data, seeds, text_data
 from tf_codistill.checks import check_int, is_int, is_number
 from tf_codistill.datasets.mnist1d import Mnist1d, config_for
 
@@ -211,6 +211,8 @@ def load_spec(
             raise ValueError(f"data_dir {path} is an existing file, not a directory.")
     if name in text_data.TEXT_DATASETS:
         return text_data.load_spec(name, data_dir, train_fraction, context)
+    if name in fresh_data.FRESH_DATASETS:
+        return fresh_data.load_spec(name, train_fraction)
     builder = _prepared_builder(name, data_dir)
     info = builder.info
     if not info.supervised_keys:
@@ -304,9 +306,13 @@ def train_batches(
         raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
     if spec.is_text:
         return text_data.train_windows(spec, batch_size, seed, skip_batches)
-    ds = _split(spec, spec.train_split, data_dir, None)
-    ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    if spec.name in fresh_data.FRESH_DATASETS:
+        ds = fresh_data.train_stream(batch_size, seed, skip_batches)
+        skip_batches = 0  # the stream starts there: nothing is generated only to be skipped
+    else:
+        ds = _split(spec, spec.train_split, data_dir, None)
+        ds = ds.shuffle(min(spec.num_train, 50_000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat().batch(batch_size, drop_remainder=True)
     if skip_batches:
         ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -355,6 +361,8 @@ def eval_batches(
         raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}.")
     if spec.is_text:
         return text_data.eval_windows(spec, split or spec.test_split, batch_size, shard, limit)
+    if spec.name in fresh_data.FRESH_DATASETS:
+        return fresh_data.eval_split(split or spec.test_split, batch_size, shard, limit)
     if split is not None and split != spec.test_split:
         raise ValueError(f"Dataset {spec.name!r} is evaluated on its {spec.test_split} split only.")
     builder = _prepared_builder(spec.name, data_dir)
@@ -382,7 +390,7 @@ def check_labels(
             f"Dataset {spec.name!r} has {spec.num_classes} classes but the model has "
             f"{num_outputs} outputs; build the model with num_classes={spec.num_classes}."
         )
-    if spec.is_text:  # the labels are symbols of the vocabulary, checked above
+    if spec.is_text or spec.name in fresh_data.FRESH_DATASETS:  # symbols of the vocabulary / 10 digits
         return
     ds = _split(spec, spec.train_split, data_dir, None).take(max_examples).map(lambda x, y: y)
     labels = np.concatenate([b.numpy() for b in ds.batch(10_000)]) if spec.num_train else np.array([])

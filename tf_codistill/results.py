@@ -109,6 +109,11 @@ class RunResult:
     resumed_from_epoch: int | None = _optional(_WITH_BACKUP)
     resumed_from_step: int | None = _optional(_WITH_BACKUP)
     backup_seconds: float | None = _optional()
+    # --target_accuracy: the updates at the first evaluation at or above it (None: never reached).
+    target_accuracy: float | None = _optional()
+    updates_to_target: int | None = _optional()
+    ensemble_updates_to_target: int | None = _optional()
+    final_val_accuracy: float | None = _optional()
     ranks: list[RankResult] | None = _optional()  # a multi-process job: every process
 
     def mean(self, key: str) -> float:

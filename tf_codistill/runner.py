@@ -38,7 +38,7 @@ def _arm_schedules(config: TrainConfig, arm: str, batch: int, total_steps: int, 
     from tf_codistill import schedules
 
     peak = config.lr if config.lr > 0 else schedules.goyal_learning_rate(config.base_lr, batch)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = config.warmup_steps or int(round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(total_steps - 1, 0))
     milestones_text = config.lr_milestones
     wd_kind = config.wd_schedule
@@ -181,6 +181,38 @@ class StopAtStep(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
             self.model.stop_training = True
+
+
+class StopAtTarget(keras.callbacks.Callback):
+    """Ends training at the first evaluation whose validation accuracy (the
+    groups' pooled `val_accuracy`) is at or above `target` (--stop_at_target)."""
+
+    def __init__(self, target: float):
+        super().__init__()
+        self.target = target
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (logs or {}).get("val_accuracy", -1.0) >= self.target:
+            self.model.stop_training = True
+
+
+def target_results(history: dict, plan: ArmPlan, target: float) -> dict:
+    """results.json's figures for --target_accuracy: the updates at the first
+    evaluation at or above it, for the groups' pooled accuracy and the ensemble."""
+    from tf_codistill.selection import updates_to_target
+
+    out = {"target_accuracy": target}
+    for key, name in (
+        ("val_accuracy", "updates_to_target"),
+        ("val_ensemble_accuracy", "ensemble_updates_to_target"),
+    ):
+        curve = [float(v) for v in history.get(key, [])]
+        if curve:
+            updates = [min((i + 1) * plan.steps_per_epoch, plan.total_steps) for i in range(len(curve))]
+            out[name] = updates_to_target(curve, updates, target)
+    if history.get("val_accuracy"):
+        out["final_val_accuracy"] = float(history["val_accuracy"][-1])
+    return out
 
 
 # ------------------------------------------------------------------------- plan
@@ -347,6 +379,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     # where the backup does.
     callbacks = [timer] + ([backup] if backup is not None else [])
     callbacks.append(StopAtStep(plan.total_steps))
+    if config.stop_at_target:
+        callbacks.append(StopAtTarget(config.target_accuracy))
     if plan.writes_logs:
         tb_dir = os.path.join(plan.directory, "tensorboard")
         if rt.distributed:
@@ -449,6 +483,9 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
         )
         if os.path.isdir("/proc/self/task"):
             entry.threads = len(os.listdir("/proc/self/task"))
+    if config.target_accuracy:
+        for key, value in target_results(history, plan, config.target_accuracy).items():
+            setattr(entry, key, value)
     if plan.groups > 1:
         entry.distance, entry.alpha, entry.temperature = (
             config.distance,

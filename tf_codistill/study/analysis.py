@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tf_codistill import stats
+from tf_codistill import selection, stats
 from tf_codistill.study.spec import effective, reported_arms
 from tf_codistill.study.tables import curve_keys
 
@@ -65,6 +65,8 @@ class StudyData:
     def _choose(self, labels: list[str]) -> str:
         if len(labels) == 1:
             return labels[0]
+        if self.study["select"] in selection.SELECT:
+            return selection.choose(self, labels)
         return max(labels, key=self.score)  # the first of equals, in file order
 
     def accuracies(self, base: str, key: str = "test_accuracy") -> list[float]:

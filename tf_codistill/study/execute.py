@@ -43,33 +43,49 @@ def _run_env() -> dict:
     return env
 
 
-def run_key(settings: dict) -> str:
-    """What makes two runs the same run: every train.py setting (defaults filled
-    in, numbers compared as numbers) but the workdir and the console output."""
+def _canonical(settings: dict) -> dict:
+    """Every train.py setting (defaults filled in, numbers compared as numbers,
+    older spellings in their current form) but the workdir and the console
+    output. Names no setting has any more are left out, so that a key written
+    before a setting existed (at its default) still matches."""
     values = {}
     for name, spec in sorted(config.SETTINGS.items()):
         if name in ("workdir", "verbose"):
             continue
         value = settings.get(name, spec.default)
-        if name == "alpha" and value is None:  # its default depends on the exchange
-            value = config.default_alpha(settings.get("exchange", "auto"))
         if spec.kind == "float" and value is not None:
             value = float(value)
         values[name] = value
-    return json.dumps(values)
+    legacy = config.LEGACY_EXCHANGES.get(values.get("exchange"))
+    if legacy is not None:  # --exchange=auto|local|horovod: predictions over that transport
+        values["exchange"] = "predictions"
+        if values.get("transport") == "auto":
+            values["transport"] = legacy
+    if values.get("alpha") is None:  # its default depends on the exchange
+        values["alpha"] = float(config.default_alpha(values["exchange"]))
+    return values
+
+
+def run_key(settings: dict) -> str:
+    """What makes two runs the same run (see `_canonical`), as JSON."""
+    return json.dumps(_canonical(settings))
 
 
 def find_same_run(out: str, key: str, workdir: str) -> str | None:
     """Another study's finished run of exactly these flags and seed, if any."""
+    want = _canonical(json.loads(key))
     for path in sorted(glob.glob(os.path.join(glob.escape(out), "*", "*", "seed*", "study_run.json"))):
         other = os.path.dirname(path)
         if os.path.abspath(other) == os.path.abspath(workdir):
             continue
         try:
             with open(path) as f:
-                if json.load(f).get("key") == key and os.path.exists(os.path.join(other, "results.json")):
-                    return other
-        except (OSError, ValueError):
+                stored = json.load(f).get("key")
+            if stored is None or not os.path.exists(os.path.join(other, "results.json")):
+                continue
+            if _canonical(json.loads(stored)) == want:
+                return other
+        except (OSError, ValueError, TypeError):
             continue
     return None
 

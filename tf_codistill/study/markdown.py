@@ -7,7 +7,8 @@ from __future__ import annotations
 from tf_codistill import stats
 from tf_codistill.study import analysis
 from tf_codistill.study.analysis import Comparison, StudyData, finite
-from tf_codistill.study.spec import arm_flags, flags, reported_arms, value_text
+from tf_codistill import selection
+from tf_codistill.study.spec import arm_flags, effective, flags, reported_arms, value_text
 
 __all__ = ["study_lines", "summary_lines"]
 
@@ -208,15 +209,16 @@ def _lost_seeds(study: dict, data: StudyData) -> list[str]:
 def _grid_lines(study: dict, data: StudyData) -> list[str]:
     """Every point of every grid arm, and which one is reported."""
     grids = [base for base, labels in data.points.items() if len(labels) > 1]
-    if not grids:
-        return []
+    lines = selection.report_lines(data, lambda label, key: effective(study, data.by_label[label], key))
+    if not grids or study["select"] in selection.SELECT:
+        return lines
     how = (
         "highest mean final test accuracy over seeds. That is the test set itself (train.py holds out "
         "no validation split), so the chosen point's accuracy is optimistic: it is the best of the grid"
         if study["select"] == "test_accuracy"
         else "lowest mean final training task loss over seeds (the test set plays no part)"
     )
-    lines = [
+    lines += [
         f"Grid: every arm is reported at its best point, chosen by the {how}. A point with a failed or "
         "non-finite seed is not chosen.",
         "",

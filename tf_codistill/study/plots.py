@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import textwrap
 
-from tf_codistill import config, stats
+from tf_codistill import config, selection, stats
 from tf_codistill.study.analysis import StudyData, finite, target_series
 from tf_codistill.study.spec import reported_arms
 
@@ -122,7 +122,7 @@ def _plot_updates(data: StudyData, path: str) -> None:
     left.yaxis.set_major_formatter(plain)
     left.yaxis.set_minor_formatter(plain)
     left.set(
-        ylabel=f"updates to {100 * target:g}% test accuracy",
+        ylabel=f"updates to {100 * target:g}% {selection.curve_split(study)} accuracy",
         title=f"Updates to {100 * target:g}% (seeds that reached it; n/m where not all did; none: no point)",
     )
     right.set(ylabel="final test accuracy, %", title="Final test accuracy")
@@ -172,7 +172,7 @@ def _plot_curves_by_batch(data: StudyData, path: str) -> None:
         ax.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
         ax.set(title=f"total batch {batch:,}", xlabel="updates", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy, % (mean ± s.e. over seeds)")
+    axes[0][0].set_ylabel(f"{selection.curve_split(data.study)} accuracy, % (mean ± s.e. over seeds)")
     handles = {}  # every line once, whichever panel has it (e.g. an optimizer at one batch only)
     for ax in axes[0]:
         for handle, name in zip(*ax.get_legend_handles_labels()):

@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 
-from tf_codistill import config, stats
+from tf_codistill import config, selection, stats
 
 __all__ = ["load_study", "train_settings", "flags", "effective", "reported_arms", "run_dir"]
 
@@ -34,7 +34,7 @@ STUDY_KEYS = (
     "metric",
 )
 ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
-SELECT = ("test_accuracy", "train_loss")
+SELECT = ("test_accuracy", "train_loss", *selection.SELECT)
 # What a study compares: test accuracy (classifiers), or validation NLL in nats
 # per token (language models: chosen and compared on validation, test beside it).
 METRICS = ("accuracy", "nll")
@@ -182,7 +182,7 @@ def load_study(path: str) -> dict:
         raise ValueError(f"{path}: `metric` must be one of {list(METRICS)}; got {study['metric']!r}.")
     if study["metric"] == "nll" and (target is not None or any("grid" in arm for arm in arms)):
         raise ValueError(f'{path}: metric = "nll" takes no `target_accuracy` and no `[arms.grid]`.')
-    study.setdefault("select", "test_accuracy")
+    selection.check(path, study)  # a validation criterion where the dataset has one, else test_accuracy
     if study["select"] not in SELECT:
         raise ValueError(f"{path}: `select` must be one of {list(SELECT)}; got {study['select']!r}.")
     study["arms"] = [expanded for arm in arms for expanded in _expand_grid(path, arm)]
