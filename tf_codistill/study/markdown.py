@@ -4,10 +4,9 @@ verdicts, the grid, the plots, and the combined report's header."""
 
 from __future__ import annotations
 
-from tf_codistill import stats
+from tf_codistill import selection, stats
 from tf_codistill.study import analysis
 from tf_codistill.study.analysis import Comparison, StudyData, finite
-from tf_codistill import selection
 from tf_codistill.study.spec import arm_flags, effective, flags, reported_arms, value_text
 
 __all__ = ["study_lines", "summary_lines"]
