@@ -109,6 +109,48 @@ def _check_expected(path: str, where: str, value) -> None:
         )
 
 
+def _arm_labels(path: str, arms) -> list[str]:
+    """The arms' labels, each a unique folder name."""
+    if not isinstance(arms, list) or not arms or not all(isinstance(arm, dict) for arm in arms):
+        raise ValueError(f"{path}: `arms` must be a non-empty array of tables ([[arms]] sections).")
+    labels = [arm.get("label") for arm in arms]
+    if None in labels or len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: every arm needs a unique `label`; got {labels}.")
+    if not all(isinstance(label, str) and re.fullmatch(r"[\w.-]+", label) for label in labels):
+        raise ValueError(f"{path}: arm labels must be folder names (letters, digits, _ . -); got {labels}.")
+    return labels
+
+
+def _check_arms(path: str, arms: list[dict], labels: list[str], baseline) -> None:
+    """Each arm's flags, and what it is compared with."""
+    if baseline is not None and baseline not in labels:
+        raise ValueError(f"{path}: `baseline` = {baseline!r} is not an arm ({labels}).")
+    for arm in arms:
+        where = f"arm {arm['label']!r}"
+        check_settings(path, where, arm)
+        _check_expected(path, where, arm.get("expected"))
+        if "compare_to" in arm and arm["compare_to"] not in labels:
+            raise ValueError(
+                f"{path}: {where} `compare_to` = {arm['compare_to']!r} is not an arm ({labels})."
+            )
+        if arm.get("compare_to") == arm["label"]:
+            raise ValueError(f"{path}: {where} is compared with itself.")
+        if "expected" in arm and arm.get("compare_to", baseline) in (None, arm["label"]):
+            raise ValueError(f"{path}: {where} has `expected` but no arm to compare with (`compare_to`).")
+
+
+def _check_contrasts(path: str, contrasts, labels: list[str]) -> None:
+    if not isinstance(contrasts, list) or not all(isinstance(c, dict) for c in contrasts):
+        raise ValueError(f"{path}: `contrasts` must be an array of tables ([[contrasts]]).")
+    for i, item in enumerate(contrasts):
+        where = f"contrast {item.get('name', i)!r}"
+        if set(item) - {"name", "plus", "minus", "expected"} or not isinstance(item.get("name"), str):
+            raise ValueError(f"{path}: {where} takes `name`, `plus`, `minus` and `expected` (name required).")
+        _label_list(path, f"{where} `plus`", item.get("plus"), labels)
+        _label_list(path, f"{where} `minus`", item.get("minus"), labels)
+        _check_expected(path, where, item.get("expected"))
+
+
 def load_study(path: str) -> dict:
     """Reads and checks one study file. Raises ValueError naming the problem."""
     with open(path, "rb") as f:
@@ -129,13 +171,7 @@ def load_study(path: str) -> dict:
         if key in study and not isinstance(study[key], str):
             raise ValueError(f"{path}: `{key}` must be a string.")
     arms = study["arms"]
-    if not isinstance(arms, list) or not arms or not all(isinstance(arm, dict) for arm in arms):
-        raise ValueError(f"{path}: `arms` must be a non-empty array of tables ([[arms]] sections).")
-    labels = [arm.get("label") for arm in arms]
-    if None in labels or len(set(labels)) != len(labels):
-        raise ValueError(f"{path}: every arm needs a unique `label`; got {labels}.")
-    if not all(isinstance(label, str) and re.fullmatch(r"[\w.-]+", label) for label in labels):
-        raise ValueError(f"{path}: arm labels must be folder names (letters, digits, _ . -); got {labels}.")
+    labels = _arm_labels(path, arms)
     seeds = study["seeds"]
     if (
         not isinstance(seeds, list)
@@ -149,31 +185,8 @@ def load_study(path: str) -> dict:
     if not isinstance(study["common"], dict):
         raise ValueError(f"{path}: `common` must be a table ([common] section) of train.py flags.")
     check_settings(path, "[common]", study["common"])
-    baseline = study.get("baseline")
-    if baseline is not None and baseline not in labels:
-        raise ValueError(f"{path}: `baseline` = {baseline!r} is not an arm ({labels}).")
-    for arm in arms:
-        where = f"arm {arm['label']!r}"
-        check_settings(path, where, arm)
-        _check_expected(path, where, arm.get("expected"))
-        if "compare_to" in arm and arm["compare_to"] not in labels:
-            raise ValueError(
-                f"{path}: {where} `compare_to` = {arm['compare_to']!r} is not an arm ({labels})."
-            )
-        if arm.get("compare_to") == arm["label"]:
-            raise ValueError(f"{path}: {where} is compared with itself.")
-        if "expected" in arm and arm.get("compare_to", baseline) in (None, arm["label"]):
-            raise ValueError(f"{path}: {where} has `expected` but no arm to compare with (`compare_to`).")
-    contrasts = study.setdefault("contrasts", [])
-    if not isinstance(contrasts, list) or not all(isinstance(c, dict) for c in contrasts):
-        raise ValueError(f"{path}: `contrasts` must be an array of tables ([[contrasts]]).")
-    for i, item in enumerate(contrasts):
-        where = f"contrast {item.get('name', i)!r}"
-        if set(item) - {"name", "plus", "minus", "expected"} or not isinstance(item.get("name"), str):
-            raise ValueError(f"{path}: {where} takes `name`, `plus`, `minus` and `expected` (name required).")
-        _label_list(path, f"{where} `plus`", item.get("plus"), labels)
-        _label_list(path, f"{where} `minus`", item.get("minus"), labels)
-        _check_expected(path, where, item.get("expected"))
+    _check_arms(path, arms, labels, study.get("baseline"))
+    _check_contrasts(path, study.setdefault("contrasts", []), labels)
     target = study.get("target_accuracy")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"{path}: `target_accuracy` must be a number in (0, 1]; got {target!r}.")
