@@ -47,8 +47,6 @@ def test_the_stream_never_repeats_an_example_and_is_a_function_of_seed_and_batch
     np.testing.assert_array_equal(again[1], batches[0][1])
     resumed = next(iter(data.train_batches(spec, 64, seed=3, skip_batches=7)))
     np.testing.assert_array_equal(resumed[0], batches[7][0])
-    halves = [next(iter(data.train_batches(spec, 64, seed=3, slice_of=(i, 2))))[0].numpy() for i in (0, 1)]
-    np.testing.assert_array_equal(np.concatenate(halves), batches[0][0])
     labels = np.concatenate([b[1].numpy() for b in batches])
     assert set(labels) == set(range(10)) and labels.dtype == np.int64
 
@@ -86,8 +84,6 @@ def test_a_stream_needs_a_length_and_an_evaluation_cadence():
     config.TrainConfig(dataset="mnist1d_fresh", model="cnn1d_norm", steps=100, steps_per_epoch=25).validate()
     with pytest.raises(ValueError, match="no training set to take a fraction of"):
         data.load_spec("mnist1d_fresh", train_fraction=0.5)
-    with pytest.raises(ValueError, match="slices"):
-        data.train_batches(data.load_spec("mnist1d_fresh"), 64, seed=0, shard=(0, 2))
 
 
 def test_the_normalised_cnn_trains_a_few_steps(spec):

@@ -7,6 +7,7 @@ import types
 import pytest
 
 from tf_codistill import selection, study
+from tf_codistill.study import spec as study_spec
 
 STUDY = """\
 # python -m tf_codistill.study --config=this.toml
@@ -138,7 +139,7 @@ def test_the_scale_out_study_files_are_valid_train_configs():
         assert open(path).readline().startswith("# python -m tf_codistill.study")
         assert len(spec["seeds"]) >= 3 and spec["select"] in selection.SELECT
         for arm in spec["arms"]:
-            train = config.TrainConfig(**{**spec["common"], **study._train_settings(arm)})
+            train = config.TrainConfig(**{**spec["common"], **study_spec.train_settings(arm)})
             train.validate()
             assert train.check_run_length(fresh_data.STREAM_SIZE) == []
             assert train.steps_per_epoch <= 25  # validation at least every 25 updates

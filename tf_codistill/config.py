@@ -521,7 +521,7 @@ class TrainConfig:
             )
         if self.stop_at_target and not self.target_accuracy:
             bad("--stop_at_target=1 needs --target_accuracy in (0, 1].")
-        if self.stop_at_target and (plan.launched or plan.separate_group):
+        if self.stop_at_target and (plan.launched or plan.transport == "directory"):
             bad(
                 "--stop_at_target=1 runs in one process only: groups in separate processes would stop at "
                 "different steps. Leave it at 0 (results.json still records the updates to the target)."
