@@ -382,7 +382,7 @@ def test_layout(run):
         if "exchange_dir" in flags:  # one group per job
             assert 0 <= int(flags["group"]) < groups, run["job"]
         else:  # every group in this job
-            assert flags.get("exchange") == "horovod", run["job"]
+            assert flags.get("exchange") == "predictions" and flags.get("transport") == "horovod", run["job"]
             assert workers % groups == 0, f"{run['job']}: {workers} workers in {groups} groups"
 
 

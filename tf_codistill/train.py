@@ -28,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 # Settings only: TensorFlow is imported after the flags are parsed, so that
 # --help and flag errors answer at once.
 from tf_codistill import config as config_module  # noqa: E402
+from tf_codistill import settings as settings_module  # noqa: E402
 from tf_codistill.config import ExitStatus, TrainConfig, check_directory, define_flags  # noqa: E402
 
 __all__ = ["TrainConfig", "train_and_evaluate"]  # noqa: F822 - train_and_evaluate: __getattr__, lazily
@@ -35,7 +36,7 @@ __all__ = ["TrainConfig", "train_and_evaluate"]  # noqa: F822 - train_and_evalua
 FLAGS = flags.FLAGS
 
 define_flags(FLAGS)  # one flag per TrainConfig field (tf_codistill/config.py)
-flags.adopt_module_key_flags(config_module)  # --help lists them as train.py's own
+flags.adopt_module_key_flags(settings_module)  # --help lists them as train.py's own
 flags.DEFINE_string("workdir", "runs/default", "Where results, logs and plots go.")
 
 _HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -141,8 +142,6 @@ def main(argv, model_fn=None):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     config = TrainConfig(**{name: FLAGS[name].value for name in config_module.SETTINGS})
-    for note in config.deprecations():  # an older spelling, still accepted
-        print(f"train.py: note: {note}", file=sys.stderr)
     workdir = FLAGS.workdir
     try:
         check_directory("workdir", workdir)
@@ -150,6 +149,8 @@ def main(argv, model_fn=None):
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(ExitStatus.USAGE)
+    for note in config.deprecations():  # an older spelling, still accepted
+        print(f"train.py: note: {note}", file=sys.stderr)
     from tf_codistill.backup import BackupError
     from tf_codistill.model import PeerFailureError
     from tf_codistill.preemption import Preempted
