@@ -178,6 +178,7 @@ study-report: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments --out=docs/results --report_only
 	$(PY) -m tf_codistill.study --config=experiments/large --out=docs/results/large --report_only
 	$(PY) -m tf_codistill.study --config=experiments/scale_out/probe --out=docs/results/scale_out/probe --report_only
+	$(PY) -m tf_codistill.study --config=experiments/shakespeare --out=docs/results/shakespeare --report_only
 
 bazel-test: $(STAMP) horovod
 	tools/bazel_test.sh
