@@ -8,6 +8,26 @@ where the peers' predictions come from an `Exchange` (other members in this
 process, other processes, or stale copies). With one group there is no peer
 and the model is the plain synchronous baseline: both arms of a comparison run
 through the same train step.
+
+Saving: `get_config` holds the members, distance, alpha and
+weight-decay schedules, data mode, `num_classes` and
+`max_bad_peer_steps`; `save` adds the weights and the compiled
+optimizer's state, so `keras.models.load_model` gives a model that
+continues training where it stopped (`ModelCheckpoint("x.keras")` works).
+The exchange is not saved: a loaded model uses `LocalExchange`. For a
+multi-process exchange (Horovod, stale weights between processes), the
+code that loads builds the model with its exchange as before, compiles
+it, and restores weights and optimizer state with
+`model.load_weights("x.keras")`.
+
+Mixed precision: under `keras.mixed_precision.set_dtype_policy(
+"mixed_bfloat16")` or `"mixed_float16"` (set before building the
+members and this model) the members compute in half precision, while
+the task loss, the distillation term and the weight decay are computed
+in float32 from float32-cast logits. With `"mixed_float16"`, `compile`
+wraps the optimizer in `keras.optimizers.LossScaleOptimizer` (as Keras
+does for any model) and the train step scales the loss through
+`optimizer.scale_loss`.
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_codistill import keras_compat, model_inputs, positions, task
+from tf_codistill import keras_compat, model_inputs, model_terms, positions, task
 from tf_codistill.callbacks import PeerFailureError, TrainingHooksMixin
 from tf_codistill.checks import check_int, check_number, is_int, is_number
 from tf_codistill.choices import DATA_MODES
@@ -37,6 +57,33 @@ def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def _check_args(data_mode, weight_decay, num_classes, exchange, max_bad_peer_steps, clip_norm) -> None:
+    """`CodistillModel`'s arguments that can be refused before anything is built."""
+    if data_mode not in DATA_MODES:
+        raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
+    if not (is_number(weight_decay) or callable(weight_decay)):
+        raise TypeError(f"weight_decay must be a number or a step schedule, got {weight_decay!r}.")
+    if is_number(weight_decay):
+        check_number("weight_decay", weight_decay)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    if num_classes is not None:
+        if not is_int(num_classes):
+            raise TypeError(f"num_classes must be an integer or None, got {num_classes!r}.")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    if exchange is not None and not isinstance(exchange, Exchange):
+        raise TypeError(
+            f"exchange must be a tf_codistill Exchange (LocalExchange, StaleWeightsExchange, ...), "
+            f"got {type(exchange).__name__}."
+        )
+    check_int("max_bad_peer_steps", max_bad_peer_steps)
+    if max_bad_peer_steps < 1:
+        raise ValueError(f"max_bad_peer_steps must be >= 1, got {max_bad_peer_steps}.")
+    if clip_norm is not None and not (is_number(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
+
+
 @keras.saving.register_keras_serializable(package="tf_codistill")
 class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
     """Trains several member models with codistillation (or one, synchronously).
@@ -50,25 +97,7 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         model.export("serving/")                 # a SavedModel serving the ensemble
         model.export_member(0, "member0.keras")  # one member as a plain Keras model
 
-    Saving: `get_config` holds the members, distance, alpha and
-    weight-decay schedules, data mode, `num_classes` and
-    `max_bad_peer_steps`; `save` adds the weights and the compiled
-    optimizer's state, so `keras.models.load_model` gives a model that
-    continues training where it stopped (`ModelCheckpoint("x.keras")` works).
-    The exchange is not saved: a loaded model uses `LocalExchange`. For a
-    multi-process exchange (Horovod, stale weights between processes), the
-    code that loads builds the model with its exchange as before, compiles
-    it, and restores weights and optimizer state with
-    `model.load_weights("x.keras")`.
-
-    Mixed precision: under `keras.mixed_precision.set_dtype_policy(
-    "mixed_bfloat16")` or `"mixed_float16"` (set before building the
-    members and this model) the members compute in half precision, while
-    the task loss, the distillation term and the weight decay are computed
-    in float32 from float32-cast logits. With `"mixed_float16"`, `compile`
-    wraps the optimizer in `keras.optimizers.LossScaleOptimizer` (as Keras
-    does for any model) and the train step scales the loss through
-    `optimizer.scale_loss`.
+    Saving and mixed precision: see this module's docstring.
 
     Members must return logits of the same shape. Training logs `loss` (the
     objective, summed over local members and averaged), `task_loss`,
@@ -139,8 +168,7 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
     ):
         super().__init__(name=name, **kwargs)
         members = _build_members(members, num_groups)
-        if data_mode not in DATA_MODES:
-            raise ValueError(f"data_mode must be one of {DATA_MODES}, got {data_mode!r}.")
+        _check_args(data_mode, weight_decay, num_classes, exchange, max_bad_peer_steps, clip_norm)
         self._data_mode_arg = data_mode
         self._split_plain = data_mode in ("auto", "split")
         if data_mode in ("auto", "split"):
@@ -149,26 +177,8 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
             alpha = getattr(exchange, "default_alpha", 1.0)
         if not isinstance(alpha, AlphaSchedule):
             alpha = AlphaSchedule(alpha)
-        if not (is_number(weight_decay) or callable(weight_decay)):
-            raise TypeError(f"weight_decay must be a number or a step schedule, got {weight_decay!r}.")
         if is_number(weight_decay):
-            check_number("weight_decay", weight_decay)
-            if weight_decay < 0:
-                raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
             weight_decay = float(weight_decay)
-        if num_classes is not None:
-            if not is_int(num_classes):
-                raise TypeError(f"num_classes must be an integer or None, got {num_classes!r}.")
-            if num_classes < 1:
-                raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        if exchange is not None and not isinstance(exchange, Exchange):
-            raise TypeError(
-                f"exchange must be a tf_codistill Exchange (LocalExchange, StaleWeightsExchange, ...), "
-                f"got {type(exchange).__name__}."
-            )
-        check_int("max_bad_peer_steps", max_bad_peer_steps)
-        if clip_norm is not None and not (is_number(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         # The terms `compute_loss` computed in the step being traced, for
         # `compute_metrics`: per thread, as MirroredStrategy traces each
@@ -185,8 +195,6 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         self.num_classes = num_classes
         self.exchange.bind(self)
         self.num_groups = self.exchange.num_groups(len(members))
-        if max_bad_peer_steps < 1:
-            raise ValueError(f"max_bad_peer_steps must be >= 1, got {max_bad_peer_steps}.")
         self.max_bad_peer_steps = int(max_bad_peer_steps)
         # Steps in which each group's predictions (or weights) were NaN/Inf.
         self.bad_peer_steps = keras.Variable(
@@ -287,74 +295,6 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         return [float(logs[f"g{i}_{name}"]) for i in range(self.num_local_members)]
 
     # ------------------------------------------------------------ train step
-    def _decayed_variables(self):
-        return [v for m in self.members for v in m.trainable_variables if len(v.shape) >= 2]
-
-    def _teachers(self, peer_maps):
-        """Mean peer logits per local member, with non-finite peers made
-        harmless: returns (teachers, usable) where usable[i] is 0.0 when any
-        of member i's peers sent NaN or Inf this step. Counts such steps per
-        peer group in `bad_peer_steps`."""
-        teachers, usable = [], []
-        bad = [0.0] * self.num_groups
-        for peers in peer_maps:
-            values = [ops.stop_gradient(task.float32(v)) for v in peers.values()]
-            finite = [ops.all(ops.isfinite(v)) for v in values]
-            safe = [ops.where(ops.isfinite(v), v, ops.zeros_like(v)) for v in values]
-            teachers.append(safe[0] if len(safe) == 1 else ops.mean(ops.stack(safe), axis=0))
-            usable.append(ops.cast(ops.all(ops.stack(finite)), "float32"))
-            for g, ok in zip(peers.keys(), finite):
-                bad[g] = ops.maximum(bad[g], 1.0 - ops.cast(ok, "float32"))
-        self.bad_peer_steps.assign_add(ops.stack([ops.convert_to_tensor(b, "float32") for b in bad]))
-        return teachers, usable
-
-    def _distill_term(self, teacher, student, sample_weight, mask=None):
-        """D(teacher, student) per position, averaged over the valid positions
-        (weighted per example or per position when there are sample weights),
-        scaled for the strategy like Keras scales its losses."""
-        if sample_weight is None and mask is None and len(student.shape) == 2:
-            value = ops.cast(self.distance.compute_loss(teacher, student), "float32")
-        else:
-            values = ops.cast(self._per_position(teacher, student), "float32")
-            value = positions.position_mean(
-                values, positions.position_weights(values, sample_weight, mask), mask
-            )
-        replicas = _num_replicas()
-        return value / replicas if replicas > 1 else value
-
-    def _per_position(self, teacher, student):
-        """The distance at every position: [batch, ...] from [batch, ..., classes]."""
-        if len(student.shape) == 2:
-            return self.distance.per_example(teacher, student)
-        flat = self.distance.per_example(positions.rows(teacher), positions.rows(student))
-        return tf.reshape(flat, tf.shape(student)[:-1])
-
-    def _clip_per_member(self, grads, variables, loss_scale):
-        """Each member's gradients clipped to `clip_norm` (of the unscaled
-        gradient: `loss_scale` is the mixed-float16 loss scale, else 1)."""
-        owner = {id(v): i for i, m in enumerate(self.members) for v in m.trainable_variables}
-        out = list(grads)
-        for i in range(len(self.members)):
-            index = [k for k, v in enumerate(variables) if owner.get(id(v)) == i and out[k] is not None]
-            if index:
-                clipped, _ = tf.clip_by_global_norm([out[k] for k in index], self.clip_norm * loss_scale)
-                for k, g in zip(index, clipped):
-                    out[k] = g
-        return out
-
-    def _weight_penalty(self):
-        wd = self.weight_decay
-        if isinstance(wd, float):
-            if wd == 0.0:
-                return None
-            coeff = wd
-        else:
-            coeff = wd(self.optimizer.iterations)
-        squares = ops.sum(ops.stack([ops.sum(ops.square(v)) for v in self._decayed_variables()]))
-        penalty = 0.5 * coeff * squares
-        replicas = _num_replicas()
-        return penalty / replicas if replicas > 1 else penalty
-
     def train_step(self, data):
         """Keras's step, kept thin: the members' forward passes, `compute_loss`
         (which reads the peers' logits through the exchange), the update, and
@@ -374,7 +314,9 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
         grads = tape.gradient(scaled, variables)
         if self.clip_norm is not None:
             scale = self.optimizer.scale_loss(1.0) if self.optimizer is not None else 1.0
-            grads = self._clip_per_member(grads, variables, ops.cast(scale, "float32"))
+            grads = model_terms.clip_per_member(
+                self.members, self.clip_norm, grads, variables, ops.cast(scale, "float32")
+            )
         # Every forward pass (peers' included) must read the weights before any
         # update writes them: a peer's forward pass on another member's batch
         # is not upstream of that peer's own gradient, so order it explicitly.
@@ -405,7 +347,7 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
             if self.exchange.alpha_scale() is not None:
                 alpha = alpha * ops.cast(self.exchange.alpha_scale(), alpha.dtype)
             peer_maps = self.exchange.peer_logits(self.members, xs, logits, self.data_mode)
-            teachers, usable = self._teachers(peer_maps)
+            teachers, usable = model_terms.teachers(peer_maps, self.num_groups, self.bad_peer_steps)
         else:
             teachers, usable = [None] * len(logits), [None] * len(logits)
         task_losses, distill_losses, total = [], [], 0.0
@@ -417,10 +359,11 @@ class CodistillModel(SavingMixin, TrainingHooksMixin, keras.Model):
                 if i == 0:
                     self.distance.validate_outputs(positions.rows(ti), positions.rows(zi))
                 # A peer that sent NaN/Inf: no distillation term this step.
-                distill = self._distill_term(ti, zi, sws[i], masks[i]) * usable[i]
+                distill = model_terms.distill_term(self.distance, ti, zi, sws[i], masks[i]) * usable[i]
                 distill_losses.append(distill)
                 total = total + alpha * distill
-        penalty = self._weight_penalty()
+        decayed = [v for m in self.members for v in m.trainable_variables if len(v.shape) >= 2]
+        penalty = model_terms.weight_penalty(self.weight_decay, decayed, self.optimizer.iterations)
         if penalty is not None:
             total = total + penalty
         self._step.terms = {
