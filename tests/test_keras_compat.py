@@ -42,3 +42,29 @@ def test_multi_worker_mode_is_asked_as_keras_asks_it():
     from tensorflow.python.distribute import collective_all_reduce_strategy
 
     assert callable(collective_all_reduce_strategy.CollectiveAllReduceExtended._in_multi_worker_mode)
+
+
+def test_a_callback_finds_fits_epoch_iterator_and_initial_epoch():
+    """Backup's mid-epoch resume shortens the running epoch through fit's
+    EpochIterator, and a restore starts fit's loop at `_initial_epoch`."""
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            keras_compat.set_initial_epoch(self.model, 1)  # epoch 0 is skipped
+
+        def on_epoch_begin(self, epoch, logs=None):
+            iterator = keras_compat.fit_epoch_iterator()
+            seen.setdefault("epochs", []).append(epoch)
+            seen["steps"] = iterator.steps_per_epoch
+            iterator.steps_per_epoch = 2  # every epoch from here runs 2 batches, not 4
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen["batches"] = seen.get("batches", 0) + 1
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((16, 2), "float32"), np.zeros((16, 1), "float32")
+    model.fit(x, y, batch_size=4, epochs=3, steps_per_epoch=4, callbacks=[Probe()], verbose=0)
+    assert seen["epochs"] == [1, 2] and seen["batches"] == 4
+    assert keras_compat.fit_epoch_iterator() is None  # outside fit

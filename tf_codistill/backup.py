@@ -41,12 +41,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,113 +52,21 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from tf_codistill import files
-
-WEIGHTS = "state.weights.h5"
-EXCHANGE = "exchange.npz"  # the exchange's own state (stale peer copies), when it has one
-METRICS = "metrics.npz"  # mid-epoch backups: the running totals of the epoch's metrics
-META = "meta.json"
-_TMP = ".tmp-"
-
-
-class BackupError(RuntimeError):
-    """A backup could not be written (the directory is full or unwritable)."""
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    if files.is_local(path):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        digest.update(files.read_bytes(path))
-    return digest.hexdigest()
-
-
-def _epoch_names(directory: str, unit: str = "epoch") -> dict[int, str]:
-    prefix = f"{unit}-"
-    return {
-        int(name[len(prefix) :]): name
-        for name in files.listdir(directory)
-        if name.startswith(prefix) and name[len(prefix) :].isdigit()
-    }
-
-
-def list_backups(directory: str, unit: str = "epoch") -> list[int]:
-    """Epochs (or steps, with `unit="step"`) of the complete backups in
-    `directory` (those with a `meta.json`), newest first, not yet checked
-    against their checksums."""
-    return sorted(
-        (
-            e
-            for e, name in _epoch_names(directory, unit).items()
-            if files.exists(files.join(directory, name, META))
-        ),
-        reverse=True,
-    )
-
-
-def read_meta(directory: str, epoch: int, unit: str = "epoch") -> dict:
-    return json.loads(files.read_bytes(files.join(directory, f"{unit}-{epoch:06d}", META)).decode())
-
-
-def verify(directory: str, epoch: int, unit: str = "epoch") -> str | None:
-    """None when the backup of `epoch` is intact, else why it is not."""
-    path = files.join(directory, f"{unit}-{epoch:06d}")
-    try:
-        meta = read_meta(directory, epoch, unit)
-    except (OSError, ValueError) as e:
-        return f"unreadable {META} ({e})"
-    expected_sums = {WEIGHTS: meta.get("sha256")}
-    if meta.get("exchange_sha256"):
-        expected_sums[EXCHANGE] = meta["exchange_sha256"]
-    if meta.get("metrics_sha256"):
-        expected_sums[METRICS] = meta["metrics_sha256"]
-    for name, expected in expected_sums.items():
-        if not files.exists(files.join(path, name)):
-            return f"{name} is missing"
-        try:
-            actual = _sha256(files.join(path, name))
-        except OSError as e:
-            return f"unreadable {name} ({e})"
-        if actual != expected:
-            return f"{name} does not match its checksum (corrupt or truncated)"
-    return None
-
-
-def intact_epochs(
-    directory: str, on_skip: Callable[[int, str], None] | None = None, unit: str = "epoch"
-) -> list[int]:
-    """Epochs of the backups in `directory` that pass their checksums, newest
-    first; `on_skip(epoch, why)` hears of each one that does not."""
-    good = []
-    for epoch in list_backups(directory, unit):
-        problem = verify(directory, epoch, unit)
-        if problem is None:
-            good.append(epoch)
-        elif on_skip is not None:
-            on_skip(epoch, problem)
-    return good
-
-
-def _fit_epoch_iterator():
-    """The `EpochIterator` of the `model.fit` call running now, or None.
-
-    Keras 3.15's fit keeps it in a local variable and reads its
-    `steps_per_epoch` when each epoch's loop starts; a callback shortens the
-    epoch it resumes in by setting that attribute in `on_epoch_begin` (there
-    is no public way to start an epoch part-way through).
-    """
-    from keras.src.trainers.epoch_iterator import EpochIterator
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("epoch_iterator") if frame.f_code.co_name == "fit" else None
-        if isinstance(candidate, EpochIterator):
-            return candidate
-        frame = frame.f_back
-    return None
+from tf_codistill import files, keras_compat
+from tf_codistill.backup_files import (  # noqa: F401  (re-exported: tf_codistill.backup.list_backups, ...)
+    _TMP,
+    EXCHANGE,
+    META,
+    METRICS,
+    WEIGHTS,
+    BackupError,
+    _epoch_names,
+    _sha256,
+    intact_epochs,
+    list_backups,
+    read_meta,
+    verify,
+)
 
 
 class Backup(keras.callbacks.Callback):
@@ -393,7 +299,7 @@ class Backup(keras.callbacks.Callback):
         what = self._load(*plan)
         if what is None:
             return
-        self.model._initial_epoch = self.restored_epoch  # where fit's epoch loop starts
+        keras_compat.set_initial_epoch(self.model, self.restored_epoch)  # where fit's epoch loop starts
         if self._resume_batches:
             where = f"batch {self._resume_batches} of epoch {self.restored_epoch + 1}"
         else:
@@ -485,7 +391,7 @@ class Backup(keras.callbacks.Callback):
             return
         # Resumed mid-epoch: this epoch runs only its remaining steps, and its
         # metrics go on from the totals they had (Keras reset them just now).
-        iterator = _fit_epoch_iterator()
+        iterator = keras_compat.fit_epoch_iterator()
         if iterator is None or not iterator.steps_per_epoch:
             raise BackupError(
                 "resuming mid-epoch needs model.fit with steps_per_epoch (the backup holds "

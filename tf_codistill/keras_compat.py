@@ -14,6 +14,12 @@ place, each with why (pinned range: keras>=3.12,<3.16, TensorFlow 2.21).
   worker's batch, or none at all when the members are built.
 * `MultiWorkerMirroredStrategy.extended._in_multi_worker_mode`: the test Keras
   itself applies before those cross-worker reductions.
+* `keras.src.trainers.epoch_iterator.EpochIterator`, found in `fit`'s frame:
+  Keras 3.15's `fit` keeps it in a local and reads its `steps_per_epoch` when
+  each epoch's loop starts; a backup resumed mid-epoch shortens that epoch by
+  setting the attribute (there is no public way to start an epoch part-way).
+* `keras.Model._initial_epoch`: where `fit`'s epoch loop starts; a restored
+  backup sets it, so the epochs already trained are not run again.
 * Step logs are reduced with `strategy.reduce("MEAN", v, axis=0)`, which fails
   on scalars: under multi-worker MWMS the steps return shape-[1] logs
   (`for_reduction`), which that reduction averages to a scalar.
@@ -24,11 +30,21 @@ pinned Keras range keeps its own behaviour.
 
 from __future__ import annotations
 
+import sys
+
 import keras
 import tensorflow as tf
 from keras import ops
 
-__all__ = ["get_mask", "with_mask", "multi_worker", "symbolic_build", "for_reduction"]
+__all__ = [
+    "get_mask",
+    "with_mask",
+    "multi_worker",
+    "symbolic_build",
+    "for_reduction",
+    "fit_epoch_iterator",
+    "set_initial_epoch",
+]
 
 
 def get_mask(x):
@@ -83,3 +99,28 @@ def for_reduction(logs: dict) -> dict:
     if multi_worker(tf.distribute.get_strategy()):
         return {k: ops.reshape(v, (1,)) for k, v in logs.items()}
     return logs
+
+
+def fit_epoch_iterator():
+    """The `EpochIterator` of the `model.fit` call running now, or None.
+
+    Keras 3.15's fit keeps it in a local variable and reads its
+    `steps_per_epoch` when each epoch's loop starts; a callback shortens the
+    epoch it resumes in by setting that attribute in `on_epoch_begin` (there
+    is no public way to start an epoch part-way through).
+    """
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    frame = sys._getframe(1)  # the caller: a callback that fit called
+    while frame is not None:
+        candidate = frame.f_locals.get("epoch_iterator") if frame.f_code.co_name == "fit" else None
+        if isinstance(candidate, EpochIterator):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def set_initial_epoch(model: keras.Model, epoch: int) -> None:
+    """Makes the `fit` call being set up start its epoch loop at `epoch`
+    (what `fit(initial_epoch=...)` does, from a callback's `on_train_begin`)."""
+    model._initial_epoch = epoch
