@@ -19,7 +19,6 @@ import dataclasses
 import enum
 import math
 
-from tf_codistill import seeds
 from tf_codistill.choices import (
     COLLECTIVE_IMPLEMENTATIONS,
     DATA_ORDERS,
@@ -67,7 +66,7 @@ FRESH_DATASETS = ("mnist1d_fresh",)
 
 
 class ExitStatus(enum.IntEnum):
-    """train.py's exit statuses, the one table its callers read (study.py
+    """train.py's exit statuses, the one table its callers read (tf_codistill.study
     records a DIVERGED run as an outcome; docs/operations.md lists them)."""
 
     OK = 0
@@ -376,166 +375,10 @@ class TrainConfig:
         """
         for name in SETTINGS:
             check_setting(name, getattr(self, name))
-        self._check_combinations()
+        from tf_codistill.config_checks import check_combinations
+
+        check_combinations(self, self._decisions())
         self._check_registries()
-
-    def _check_combinations(self) -> None:
-        def bad(msg):
-            raise ValueError(msg)
-
-        plan = self._decisions()
-        if self.mode != "sync" and self.num_groups < 2:
-            bad(
-                f"--num_groups={self.num_groups}: codistillation needs at least 2 groups (use --mode=sync for one)."
-            )
-        legacy = LEGACY_EXCHANGES.get(self.exchange, "auto")
-        if legacy != "auto" and self.transport not in ("auto", legacy):
-            bad(
-                f"--exchange={self.exchange} with --transport={self.transport}: write "
-                f"--exchange=predictions --transport={self.transport}."
-            )
-        if plan.transport == "horovod" and not plan.launched:
-            groups = 1 if self.mode == "sync" else self.num_groups
-            mode = "sync" if self.mode == "sync" else "codistill"
-            bad(
-                "--transport=horovod runs one process per worker, and this process was not started as "
-                f"one: launch it with `python -m tf_codistill.launch --np {2 * groups} --groups {groups} "
-                f"-- train.py --mode={mode} ...` (or horovodrun), or leave --transport at auto to train "
-                "every group in this process."
-            )
-        if plan.transport == "local" and plan.launched:
-            bad(
-                "--transport=local trains every group in one process, and this process was started as "
-                "one of several: leave --transport at auto (horovod) or launch a single process."
-            )
-        if self.exchange_dir is not None:
-            if plan.kind != "weights":
-                bad("--exchange_dir is for the stale-weights exchange: add --exchange=weights.")
-            if plan.transport != "directory":
-                bad(f"--exchange_dir is the directory transport: drop --transport={self.transport}.")
-            check_directory("exchange_dir", self.exchange_dir)
-        elif plan.transport == "directory":
-            bad("--transport=directory needs the shared directory: add --exchange_dir=PATH.")
-        if plan.transport == "directory":
-            if self.mode != "codistill":
-                bad("--exchange_dir runs one codistillation group per job: use --mode=codistill.")
-            if not 0 <= self.group < self.num_groups:
-                bad(
-                    f"--group={self.group}: with --exchange_dir each job trains one group; "
-                    f"pass --group in [0, {self.num_groups})."
-                )
-        elif self.group != -1:
-            bad("--group only applies with --exchange=weights --exchange_dir=...")
-        if plan.transport != "local":  # a multi-process job, or one job per group
-            if self.mode == "both":
-                bad(
-                    "--mode=both runs both arms in one process; a multi-process job runs one arm. "
-                    "Launch --mode=sync and --mode=codistill separately."
-                )
-            if plan.kind == "predictions" and self.mode == "codistill" and plan.data_mode == "independent":
-                bad(
-                    "--transport=horovod swaps predictions on the same examples every step, which "
-                    "needs --data_mode=shared; independent data orders need the stale-weights exchange."
-                )
-            if (
-                plan.kind in ("weights", "average")
-                and self.mode == "codistill"
-                and self.data_mode == "shared"
-            ):
-                bad(
-                    f"--data_mode=shared: with --exchange={plan.kind} across jobs or processes every "
-                    "group draws its own data order; use --data_mode=independent (or auto)."
-                )
-        if plan.kind == "average" and self.mode != "sync":
-            if self.data_mode == "shared":
-                bad("--data_mode=shared: averaged islands reading the same batches stay identical; use auto.")
-            if self.exchange_every < 1 or self.exchange_every % self.steps_per_execution:
-                bad(
-                    "--exchange=average needs --exchange_every >= 1, a multiple of --steps_per_execution: "
-                    "the steps between outer steps, which run between compiled calls."
-                )
-        if self.tpu is not None:
-            if plan.launched:
-                bad("--tpu: a TPU group is one process driving its TPU; start it without a launcher.")
-            if self.mode == "both" or (self.mode == "codistill" and plan.transport != "directory"):
-                bad(
-                    "--tpu: Horovod does not run on TPUs, so each TPU job trains one group and the groups "
-                    "meet in storage: use --mode=codistill --exchange=weights --exchange_dir=gs://... "
-                    "--group=G (or --mode=sync)."
-                )
-        if self.data_dir is not None:
-            check_directory("data_dir", self.data_dir, must_write=False)
-        if self.mode != "sync" and self.batch_size % self.num_groups:
-            bad(
-                f"--batch_size={self.batch_size} is not divisible by --num_groups={self.num_groups}; "
-                "each group takes batch_size / num_groups examples per step."
-            )
-        if self.backup_every_steps and self.backup_keep == 0:
-            bad("--backup_every_steps needs backups: leave --backup_keep at 1 or more.")
-        if self.backup_every_steps and self.steps_per_execution > 1:
-            bad("--backup_every_steps backs up between steps, which needs --steps_per_execution=1.")
-        if self.epochs < 1 and self.steps < 1:
-            bad("Set --epochs >= 1 or --steps >= 1.")
-        if self.num_groups > seeds.MAX_GROUPS:
-            bad(
-                f"--num_groups={self.num_groups}: at most {seeds.MAX_GROUPS} (a group is one base-1000 digit of its seed)."
-            )
-        max_seed = seeds.max_seed(self.num_groups)
-        if not 0 <= self.seed <= max_seed:
-            bad(
-                f"--seed must be in [0, {max_seed}], got {self.seed}: group g's model is seeded "
-                "with seed * 1000 + g, which must fit in 32 bits."
-            )
-        if self.lr_schedule != "step":
-            if self.lr_milestones != "goyal":
-                bad(f"--lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
-            if self.codistill_lr_milestones is not None:
-                bad(f"--codistill_lr_milestones only applies to --lr_schedule=step, not {self.lr_schedule}.")
-            for name in ("wd_schedule", "codistill_wd_schedule"):
-                if getattr(self, name) == "paper":
-                    bad(f"--{name}=paper follows the step schedule's decays; use --lr_schedule=step.")
-        if self.mode == "sync":
-            for name in ("codistill_lr_milestones", "codistill_wd_schedule"):
-                if getattr(self, name) is not None:
-                    bad(f"--{name} applies to the codistillation arm only, and --mode=sync has none.")
-        for arm in self.arms():
-            milestones_flag = "lr_milestones"
-            wd_flag = "wd_schedule"
-            if arm == "codistill":
-                if self.codistill_lr_milestones is not None:
-                    milestones_flag = "codistill_lr_milestones"
-                if self.codistill_wd_schedule is not None:
-                    wd_flag = "codistill_wd_schedule"
-            milestones = getattr(self, milestones_flag)
-            two = milestones in MILESTONE_NAMES or len(parse_milestones(milestones)) >= 2  # presets: 3
-            if getattr(self, wd_flag) == "paper" and not two:
-                bad(
-                    f"--{wd_flag}=paper changes weight decay at the first two lr decays, but "
-                    f"--{milestones_flag}={milestones!r} has one; give at least two milestones."
-                )
-
-        if self.dataset in FRESH_DATASETS and (self.steps < 1 or self.steps_per_epoch < 1):
-            bad(
-                f"--dataset={self.dataset} is an endless stream of fresh examples: give the run's length "
-                "with --steps and the updates between evaluations with --steps_per_epoch (e.g. 25)."
-            )
-        if self.stop_at_target and not self.target_accuracy:
-            bad("--stop_at_target=1 needs --target_accuracy in (0, 1].")
-        if self.stop_at_target and (plan.launched or plan.transport == "directory"):
-            bad(
-                "--stop_at_target=1 runs in one process only: groups in separate processes would stop at "
-                "different steps. Leave it at 0 (results.json still records the updates to the target)."
-            )
-        text = self.dataset in TEXT_DATASETS
-        if text != (self.model == "transformer"):
-            bad(
-                f"--dataset={self.dataset} with --model={self.model}: the text datasets "
-                f"({', '.join(TEXT_DATASETS)}) go with --model=transformer, and it with them."
-            )
-        if self.model == "transformer" and self.width % self.heads:
-            bad(f"--width={self.width} is not divisible by --heads={self.heads}; pick heads that divide it.")
-        if self.optimizer == "adamw" and "paper" in (self.wd_schedule, self.codistill_wd_schedule):
-            bad("--optimizer=adamw decays weights itself, at a constant rate: use --wd_schedule=constant.")
 
     def model_options(self) -> dict:
         """The builder options of --model (the Transformer's shape)."""
