@@ -32,6 +32,23 @@ def test_train_fraction_uses_the_first_part(data_dir, mnist1d_spec):
         data.load_spec("mnist1d", data_dir, train_fraction=0.0)
 
 
+def test_validation_fraction_holds_out_the_end_of_the_training_split(data_dir):
+    spec = data.load_spec("mnist1d", data_dir, validation_fraction=0.1)
+    assert (spec.num_train, spec.num_validation, spec.num_test) == (3600, 400, 1000)
+    assert (spec.train_split, spec.validation_split) == ("train[:3600]", "train[3600:]")
+    (xv, yv), *_ = list(data.eval_batches(spec, 400, data_dir, split=spec.validation_split))
+    every = np.stack([x.numpy() for x, _ in data._split(spec, "train", data_dir, None)])
+    np.testing.assert_array_equal(xv.numpy(), every[3600:])  # the last 400, in order
+    train = np.stack([x.numpy() for x, _ in data._split(spec, spec.train_split, data_dir, None)])
+    assert len(train) == 3600 and not ({r.tobytes() for r in train} & {r.tobytes() for r in xv.numpy()})
+    # train_fraction takes its first part of what is left
+    assert data.load_spec("mnist1d", data_dir, 0.5, validation_fraction=0.1).train_split == "train[:1800]"
+    with pytest.raises(ValueError, match="has its own validation split"):
+        data.load_spec("mnist1d_fresh", data_dir, validation_fraction=0.1)
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        data.load_spec("mnist1d", data_dir, validation_fraction=1.0)
+
+
 def test_train_batches_are_seeded(mnist1d_spec, data_dir):
     a = next(iter(data.train_batches(mnist1d_spec, 32, seed=3, data_dir=data_dir)))
     b = next(iter(data.train_batches(mnist1d_spec, 32, seed=3, data_dir=data_dir)))

@@ -107,8 +107,15 @@ def test_a_study_with_a_validation_split_cannot_choose_on_test(tmp_path):
     with pytest.raises(ValueError, match="choose grid points on it"):
         study.load_study(str(path))
     path.write_text(STUDY.format(select="val_accuracy").replace("mnist1d_fresh", "mnist1d/n70000"))
-    with pytest.raises(ValueError, match="needs a dataset with a validation split"):
+    with pytest.raises(ValueError, match="needs a validation split"):
         study.load_study(str(path))
+    # a TFDS dataset with a validation split held out of its training split
+    held_out = STUDY.format(select="val_accuracy").replace(
+        '"mnist1d_fresh"', '"mnist1d/n70000"\nvalidation_fraction = 0.1'
+    )
+    path.write_text(held_out)
+    assert study.load_study(str(path))["select"] == "val_accuracy"
+    assert selection.curve_split(study.load_study(str(path))) == "validation"
     path.write_text(STUDY.replace('select = "{select}"\n', ""))
     assert study.load_study(str(path))["select"] == "val_accuracy"  # the default where validation exists
 

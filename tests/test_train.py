@@ -218,3 +218,20 @@ def test_lamb_run_learns_at_a_large_batch(tmp_path, data_dir):
     run = train.train_and_evaluate(config, str(tmp_path))["runs"][0]
     # 40 steps of 1,024 on mnist1d (measured 0.29 / 0.26, losses 1.7); chance is 0.1 and ln 10 = 2.30
     assert all(g["test_accuracy"] > 0.2 and g["train_loss"] < 2.0 for g in run["groups"]), run["groups"]
+
+
+def test_validation_fraction_evaluates_on_the_held_out_end_of_the_training_split(tmp_path, data_dir):
+    """--validation_fraction=0.1 on mnist1d (4,000 training examples): training
+    reads the first 3,600 (56 steps of 64 per epoch, not 62), the epochs are
+    evaluated on the last 400, the test split at the end."""
+    tiny = {**TINY, "steps": 60, "mode": "sync", "target_accuracy": 0.05}
+    config = train.TrainConfig(**tiny, data_dir=data_dir, validation_fraction=0.1)
+    (run,) = train.train_and_evaluate(config, str(tmp_path))["runs"]
+    assert run["steps_per_epoch"] == 56
+    val = run["final_val_accuracy"]
+    assert abs(val * 400 - round(val * 400)) < 1e-3  # a fraction of the 400 validation examples
+    assert run["updates_to_target"] == 56  # the first evaluation
+    with pytest.raises(ValueError, match="has its own validation split"):
+        train.TrainConfig(
+            **{**tiny, "dataset": "mnist1d_fresh", "steps_per_epoch": 25}, validation_fraction=0.1
+        ).validate()

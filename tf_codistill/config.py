@@ -190,6 +190,14 @@ class TrainConfig:
         above_minimum=True,
         maximum=1,
     )
+    validation_fraction: float = setting(
+        0.0,
+        "Hold out the last fraction of a TFDS dataset's training split as validation (like Keras's "
+        "fit(validation_split=)): evaluated every epoch, where a study chooses; test only at the end. "
+        "In [0, 1); the text and fresh datasets have their own.",
+        minimum=0,
+        maximum=1,
+    )
     context: int = setting(
         64, "Text datasets (tiny_shakespeare): characters per window, the model's context.", minimum=1
     )

@@ -173,3 +173,12 @@ def check_combinations(cfg: TrainConfig, plan) -> None:
         bad(f"--width={cfg.width} is not divisible by --heads={cfg.heads}; pick heads that divide it.")
     if cfg.optimizer == "adamw" and "paper" in (cfg.wd_schedule, cfg.codistill_wd_schedule):
         bad("--optimizer=adamw decays weights itself, at a constant rate: use --wd_schedule=constant.")
+    if cfg.validation_fraction and (cfg.dataset in TEXT_DATASETS or cfg.dataset in FRESH_DATASETS):
+        bad(
+            f"--validation_fraction={cfg.validation_fraction:g}: {cfg.dataset} has its own validation split; "
+            "leave it at 0."
+        )
+    if cfg.validation_fraction >= 1:
+        bad(
+            f"--validation_fraction={cfg.validation_fraction:g} leaves nothing to train on: give a value in [0, 1)."
+        )

@@ -182,7 +182,11 @@ def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuild
 
 
 def load_spec(
-    name: str, data_dir: str | None = None, train_fraction: float = 1.0, context: int = 64
+    name: str,
+    data_dir: str | None = None,
+    train_fraction: float = 1.0,
+    context: int = 64,
+    validation_fraction: float = 0.0,
 ) -> DatasetSpec:
     """Prepares the dataset if needed and describes it.
 
@@ -193,6 +197,12 @@ def load_spec(
             (the paper's less-data study), in (0, 1].
         context: characters per window, for the text datasets
             (`tf_codistill.text_data.TEXT_DATASETS`).
+        validation_fraction: hold out the last `validation_fraction` of the
+            training split as a validation split (as Keras's
+            `fit(validation_split=...)` holds out the last fraction of its
+            arrays), in [0, 1): choices are made on it, the test split is
+            only reported. `train_fraction` then takes the first part of the
+            rest. For TFDS datasets; the text and fresh datasets have their own.
 
     Raises:
         ValueError: unknown dataset, no supervised keys, bad fraction.
@@ -205,6 +215,13 @@ def load_spec(
         raise TypeError(f"train_fraction must be a number, got {train_fraction!r}.")
     if not 0.0 < train_fraction <= 1.0:  # also rejects nan
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
+    if not is_number(validation_fraction) or not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}.")
+    if validation_fraction and (name in text_data.TEXT_DATASETS or name in fresh_data.FRESH_DATASETS):
+        raise ValueError(
+            f"{name} has its own validation split; validation_fraction holds one out of a TFDS "
+            "dataset's training split: leave it at 0."
+        )
     if data_dir is not None:
         path = os.path.expanduser(os.fspath(data_dir))
         if os.path.exists(path) and not os.path.isdir(path):
@@ -237,7 +254,14 @@ def load_spec(
             )
         num_train_all = info.splits["train"].num_examples
         num_test = info.splits[test_split].num_examples
-    num_train = max(1, int(num_train_all * train_fraction))
+    num_validation = int(round(num_train_all * validation_fraction))
+    if validation_fraction and not 1 <= num_validation < num_train_all:
+        raise ValueError(
+            f"validation_fraction={validation_fraction:g} of {name}'s {num_train_all} training examples "
+            f"is {num_validation}: pick a fraction that leaves at least one example on each side."
+        )
+    rest = num_train_all - num_validation  # the validation split is the last num_validation
+    num_train = max(1, int(rest * train_fraction))
     train_split = "train" if num_train == num_train_all else f"train[:{num_train}]"
     return DatasetSpec(
         name=name,
@@ -247,6 +271,8 @@ def load_spec(
         num_test=num_test,
         train_split=train_split,
         test_split=test_split,
+        validation_split=f"train[{rest}:]" if num_validation else None,
+        num_validation=num_validation,
     )
 
 
@@ -352,8 +378,8 @@ def eval_batches(
 
     Args:
         shard: `(index, count)` to read only every count-th example.
-        limit: use only the first `limit` test examples (before sharding).
-        split: another split than `spec.test_split` (text: "validation").
+        limit: use only the first `limit` examples (before sharding).
+        split: another split than `spec.test_split`: `spec.validation_split`.
     """
     _check_batch_size(batch_size)
     _check_part("shard", shard)
@@ -363,10 +389,11 @@ def eval_batches(
         return text_data.eval_windows(spec, split or spec.test_split, batch_size, shard, limit)
     if spec.name in fresh_data.FRESH_DATASETS:
         return fresh_data.eval_split(split or spec.test_split, batch_size, shard, limit)
-    if split is not None and split != spec.test_split:
-        raise ValueError(f"Dataset {spec.name!r} is evaluated on its {spec.test_split} split only.")
+    if split not in (None, spec.test_split, spec.validation_split):
+        held_out = f" and its validation split {spec.validation_split}" if spec.validation_split else ""
+        raise ValueError(f"Dataset {spec.name!r} is evaluated on its {spec.test_split} split{held_out} only.")
     builder = _prepared_builder(spec.name, data_dir)
-    ds = builder.as_dataset(split=spec.test_split, as_supervised=True, shuffle_files=False)
+    ds = builder.as_dataset(split=split or spec.test_split, as_supervised=True, shuffle_files=False)
     if limit is not None:
         ds = ds.take(limit)
     if shard is not None:

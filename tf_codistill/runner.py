@@ -215,7 +215,8 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     keras.utils.set_random_seed(config.seed)
     train_ds = _train_data(config, spec, plan, skip)
     test_ds = _test_data(config, spec, rt)
-    # Text: validation during training (where choices are made), test at the end.
+    # Validation during training (where choices are made; text, fresh data, --validation_fraction),
+    # test at the end.
     val_ds = _test_data(config, spec, rt, spec.validation_split) if spec.validation_split else test_ds
     with rt.scope():
         exchange = rt.exchange()
@@ -463,7 +464,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, model_fn=None) -> dict
     first = runtimes[arms[0]]
     from tf_codistill import data
 
-    spec = data.load_spec(config.dataset, config.data_dir, config.train_fraction, config.context)
+    spec = data.load_spec(
+        config.dataset, config.data_dir, config.train_fraction, config.context, config.validation_fraction
+    )
     if spec.num_train < config.batch_size:
         raise ValueError(
             f"--batch_size={config.batch_size} is larger than the training set ({spec.num_train} "

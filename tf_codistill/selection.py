@@ -33,6 +33,7 @@ __all__ = [
     "VALIDATION_DATASETS",
     "check",
     "curve_split",
+    "has_validation_split",
     "updates_to_target",
     "choose",
     "edges",
@@ -58,12 +59,12 @@ def check(path: str, study: dict) -> None:
             test criterion with one, or `val_updates_to_target` without a target.
     """
     dataset = study.get("common", {}).get("dataset")
-    has_validation = dataset in VALIDATION_DATASETS
+    has_validation = has_validation_split(study)
     select = study.setdefault("select", "val_accuracy" if has_validation else "test_accuracy")
     if select in SELECT and not has_validation:
         raise ValueError(
-            f"{path}: select = {select!r} needs a dataset with a validation split "
-            f"({', '.join(VALIDATION_DATASETS)}) in [common]; got {dataset!r}."
+            f"{path}: select = {select!r} needs a validation split: a dataset with one "
+            f"({', '.join(VALIDATION_DATASETS)}) or validation_fraction > 0 in [common]; got {dataset!r}."
         )
     if has_validation and select == "test_accuracy":
         raise ValueError(
@@ -82,7 +83,15 @@ def check(path: str, study: dict) -> None:
 
 def curve_split(study: dict) -> str:
     """Which split a study's curves (`val_accuracy`) were measured on."""
-    return "validation" if study.get("common", {}).get("dataset") in VALIDATION_DATASETS else "test"
+    return "validation" if has_validation_split(study) else "test"
+
+
+def has_validation_split(study: dict) -> bool:
+    """Whether the study's runs evaluate on a validation split during
+    training (their curves' `val_accuracy`): a dataset with one, or a TFDS
+    dataset with `validation_fraction` held out of its training split."""
+    common = study.get("common", {})
+    return common.get("dataset") in VALIDATION_DATASETS or bool(common.get("validation_fraction", 0))
 
 
 def updates_to_target(accuracy: Sequence[float], updates: Sequence[int], target: float) -> int | None:
