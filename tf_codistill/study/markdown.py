@@ -5,7 +5,7 @@ verdicts, the grid, the plots, and the combined report's header."""
 from __future__ import annotations
 
 from tf_codistill import selection, stats
-from tf_codistill.study import analysis
+from tf_codistill.study import analysis, decision
 from tf_codistill.study.analysis import Comparison, StudyData, finite
 from tf_codistill.study.spec import arm_flags, effective, flags, reported_arms, value_text
 
@@ -269,6 +269,7 @@ def study_lines(study: dict, data: StudyData, image_dir: str, config_shown: str)
         lines += _comparison_table(items, "comparison (test accuracy) | difference, points", 100, 2)
         lines += ["", _finding(study, items), ""]
     lines += _grid_lines(study, data)
+    lines += decision.report_lines(data, lambda label, key: effective(study, data.by_label[label], key))
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
     if study.get("target_accuracy") is not None:
         lines += [f"![{study['name']}: updates to target]({image_dir}updates_to_target.png)", ""]

@@ -15,6 +15,7 @@ import re
 import tomllib
 
 from tf_codistill import config, selection, stats
+from tf_codistill.study import decision
 
 __all__ = ["load_study", "train_settings", "flags", "effective", "reported_arms", "run_dir"]
 
@@ -32,6 +33,8 @@ STUDY_KEYS = (
     "target_accuracy",
     "select",
     "metric",
+    "decision",
+    "walltime",
 )
 ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
 SELECT = ("test_accuracy", "train_loss", *selection.SELECT)
@@ -195,6 +198,7 @@ def load_study(path: str) -> dict:
         raise ValueError(f"{path}: `metric` must be one of {list(METRICS)}; got {study['metric']!r}.")
     if study["metric"] == "nll" and (target is not None or any("grid" in arm for arm in arms)):
         raise ValueError(f'{path}: metric = "nll" takes no `target_accuracy` and no `[arms.grid]`.')
+    decision.check(path, study)
     selection.check(path, study)  # a validation criterion where the dataset has one, else test_accuracy
     if study["select"] not in SELECT:
         raise ValueError(f"{path}: `select` must be one of {list(SELECT)}; got {study['select']!r}.")
