@@ -36,25 +36,66 @@ def _minutes(runs) -> str:
     return f"{analysis.mean(seconds) / 60:.1f}" if seconds else "-"
 
 
+def _fraction_text(value: float) -> str:
+    """1/100 for 0.01; a rate that is not 1/10^k as a decimal."""
+    inverse = 1 / value
+    if abs(inverse - round(inverse)) < 1e-6 and round(inverse) in (10, 100, 1000, 10000):
+        return f"1/{round(inverse)}"
+    return f"{value:.2g}"
+
+
+CRITERION = (
+    "Convergence criterion: sync's mean accuracy changes by less than {points:g} points over the last "
+    "{tail:g}% of the updates at which the learning rate is still at least 1/10 of its peak. Updates at a "
+    "lower rate are not counted: a rate decayed to nearly zero stops the weights moving, so the curve "
+    "flattens there whether or not the model has converged, and a criterion read there could not fail. "
+    "Where the window holds fewer than {evals} evaluations the criterion is not assessable."
+)
+
+
 def _convergence_lines(data: StudyData) -> list[str]:
-    lines = []
-    for found in analysis.convergence(data):
+    found_all = analysis.convergence(data)
+    if not found_all:
+        return [
+            "Convergence: this study has no sync arm; its run length is the one the studies with a "
+            "sync arm are checked at."
+        ]
+    lines = [
+        CRITERION.format(
+            points=analysis.CONVERGED_POINTS, tail=100 * analysis.TAIL, evals=analysis.MIN_INTERVALS + 1
+        ),
+        "",
+    ]
+    for found in found_all:
         if isinstance(found, str):
             lines.append(f"Convergence of `{found}`: no per-epoch curve (criterion not computed).")
             continue
-        holds = "holds" if found.holds else "fails"
+        tail = ""
+        if found.cutoff < found.total:
+            share = 100 * (found.total - found.cutoff) / found.total
+            below = (
+                f"at {_fraction_text(found.tail_rate)} of the peak rate or less"
+                if found.tail_rate <= analysis.HEALTHY_RATE / 10 + 1e-12
+                else "below 1/10 of the peak rate"
+            )
+            tail = (
+                f" The last {share:.0f}% of the run (updates {found.cutoff:,} -> {found.total:,}) is {below} "
+                "and is not counted."
+            )
+        if found.status == "not assessable":
+            lines.append(f"Convergence of `{found.base}`: not assessable: {found.why_not}.{tail}")
+            continue
+        status = found.status
         if not found.learned:
-            holds += f", but it did not learn (training loss {found.first_loss:.3g} -> {found.last_loss:.3g})"
+            status += (
+                f", but it did not learn (training loss {found.first_loss:.3g} -> {found.last_loss:.3g})"
+            )
         lines.append(
-            f"Convergence of `{found.base}`: sync accuracy changed by {found.change_points:+.2f} points over "
-            f"the last {100 * analysis.TAIL:g}% of epochs (epoch {found.start + 1} -> {found.length}, updates "
-            f"{found.start_updates:,} -> {found.total_updates:,}, mean of {found.seeds} seeds; criterion "
-            f"< {analysis.CONVERGED_POINTS:g}): {holds}."
-        )
-    if not lines:
-        lines.append(
-            "Convergence: this study has no sync arm; its run length is the one the studies with a "
-            "sync arm are checked at."
+            f"Convergence of `{found.base}`: sync accuracy changed by {found.change_points:+.2f} points from "
+            f"epoch {found.start + 1} to {found.end + 1} (updates {found.start_updates:,} -> "
+            f"{found.end_updates:,}, the last {100 * analysis.TAIL:g}% of the {found.cutoff:,} at >= 1/10 of "
+            f"the peak rate; mean of {found.seeds} seeds; criterion < {analysis.CONVERGED_POINTS:g}): "
+            f"{status}.{tail}"
         )
     return lines
 
