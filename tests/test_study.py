@@ -177,8 +177,9 @@ def test_committed_results_rebuild_byte_for_byte(tmp_path, folder, results):
         pytest.skip(f"{results} holds no study's runs.csv yet (no study has run)")
     tree = tmp_path / "tree"
     shutil.copytree(os.path.join(REPO, folder), tree / folder, ignore=shutil.ignore_patterns("large"))
-    for path, name in ran:
+    for _, name in ran:  # all first: a report refers to the runs other studies share with it
         shutil.copytree(os.path.join(REPO, results, name), tree / results / name)
+    for path, name in ran:
         out = tree / results / name / "REPORT.md"
         out.unlink()
         proc = _study(f"{folder}/{path}", results, "--report_only", "--no_plots", cwd=tree)
@@ -473,3 +474,52 @@ def test_the_rate_schedule_read_from_flags_matches_train_pys():
         peak = 0.4 * 128 / 256
         for step in (0, 10, 59, 60, 299, 300, 301, 599, 600, 700, 800, 899):
             assert abs(rate(step) - float(lr(step)) / peak) < 1e-5, (extra, step)
+
+
+def test_planned_names_comparisons_and_an_unknown_one_is_refused(tmp_path):
+    base = 'name = "x"\nseeds = [0, 1]\nbaseline = "a"\n[[arms]]\nlabel = "a"\nmode = "sync"\n'
+    base += '[[arms]]\nlabel = "b"\nmode = "codistill"\n'
+    path = tmp_path / "p.toml"
+    path.write_text('planned = ["b"]\n' + base)
+    assert study.load_study(str(path))["planned"] == ["b"]
+    for planned, message in (
+        ('["c"]', "names 'c', which is no comparison"),
+        ('["a"]', "names 'a'"),
+        ('"b"', "a list"),
+    ):
+        path.write_text(f"planned = {planned}\n" + base)
+        with pytest.raises(ValueError, match=message):
+            study.load_study(str(path))
+
+
+def test_shared_runs_are_marked_and_their_comparisons_are_repeats():
+    """docs/results: the arms whose flags and seeds equal an earlier study's
+    are marked with it, hold the very same numbers, and a comparison of the
+    same two run sets is a repeat of the first, not counted again."""
+    from tf_codistill.study import __main__ as main_mod
+    from tf_codistill.study import analysis
+
+    studies = main_mod._load_studies(os.path.join(REPO, "experiments"))
+    shared, context = main_mod.shared_context(studies, os.path.join(REPO, "docs", "results"))
+    data = dict((s["name"], d) for s, d in context)
+    groups = data["groups"].study
+    assert shared.same_runs(groups, "sync") == "distance/sync"
+    assert shared.same_runs(groups, "groups_2") == "distance/kl"
+    assert shared.same_runs(groups, "groups_4") is None
+    assert shared.same_runs(data["distance"].study, "sync") is None
+    for name, label, first in (
+        ("groups", "groups_2", ("distance", "kl")),
+        ("schedules", "sync_step", ("distance", "sync")),
+    ):
+        assert data[name].accuracies(label) == data[first[0]].accuracies(first[1])  # the very same runs
+    items = analysis.comparisons(analysis.StudyData(groups, *_rows_of(data["groups"]), shared))
+    assert [i.repeat_of for i in items] == ["distance: sync - kl", None]
+    report = open(os.path.join(REPO, "docs", "results", "groups", "REPORT.md")).read()
+    assert "| groups_2 (the same runs as distance/kl) |" in report
+    assert "groups_2 - sync (a repeat of distance: sync - kl)" in report
+
+
+def _rows_of(data):
+    return [r for rows in data.runs.values() for r in rows], [
+        c for rows in data.curves.values() for c in rows
+    ]

@@ -52,8 +52,9 @@ def finite(values) -> list[float]:
 class StudyData:
     """A study's CSV rows, indexed; grid arms resolved to their best point."""
 
-    def __init__(self, study: dict, runs: list[dict], curves: list[dict]):
+    def __init__(self, study: dict, runs: list[dict], curves: list[dict], shared=None):
         self.study = study
+        self.shared = shared  # a `shared.Shared`: runs and comparisons other studies report too (or None)
         self.by_label = {arm["label"]: arm for arm in study["arms"]}
         self.runs = {}
         for r in runs:
@@ -308,6 +309,11 @@ class Comparison:
     formula: str | None = None  # a contrast's arms, as written in the study
     result: stats.Contrast | None = None  # None: fewer than 2 seeds in an arm
     verdict: str = ""
+    planned: bool = False  # confirmatory: named in the study's `planned` (declared before the runs)
+    labels: tuple[str, ...] = ()  # the (chosen) arm label of each sample
+    key: str = "test_accuracy"  # the outcome compared
+    holm_p: float | None = None  # Holm-adjusted p within the study's confirmatory family (this outcome)
+    repeat_of: str | None = None  # "study: name" of the first comparison of the same runs, if another
 
 
 def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]:
@@ -320,15 +326,29 @@ def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]
         if against is None or against == base:
             continue
         samples = [data.accuracies(base, key), data.accuracies(against, key)]
-        items.append(Comparison(f"{base} - {against}", samples, [1, -1], arm.get("expected")))
+        items.append(
+            Comparison(
+                f"{base} - {against}",
+                samples,
+                [1, -1],
+                arm.get("expected"),
+                planned=base in study["planned"],
+                labels=(data.chosen[base], data.chosen[against]),
+                key=key,
+            )
+        )
     for item in study["contrasts"]:
+        arms = item["plus"] + item["minus"]
         items.append(
             Comparison(
                 item["name"],
-                [data.accuracies(b, key) for b in item["plus"] + item["minus"]],
+                [data.accuracies(b, key) for b in arms],
                 [1] * len(item["plus"]) + [-1] * len(item["minus"]),
                 item.get("expected"),
                 formula=" + ".join(item["plus"]) + " - " + " - ".join(item["minus"]),
+                planned=item["name"] in study["planned"],
+                labels=tuple(data.chosen[b] for b in arms),
+                key=key,
             )
         )
     for item in items:
@@ -337,7 +357,25 @@ def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]
             item.verdict = stats.verdict(item.result, item.expected)
         else:
             item.verdict = "needs 2 or more seeds per arm"
+    family = [i for i in items if i.planned and i.result is not None]
+    for item, adjusted in zip(family, holm([i.result.p for i in family])):
+        item.holm_p = adjusted
+    if data.shared is not None:
+        for item in items:
+            item.repeat_of = data.shared.repeat_of(study, item)
     return items
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the given order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def series(study: dict, arm: dict) -> tuple[str, str]:
