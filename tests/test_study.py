@@ -523,3 +523,28 @@ def _rows_of(data):
     return [r for rows in data.runs.values() for r in rows], [
         c for rows in data.curves.values() for c in rows
     ]
+
+
+def test_curves_with_epochs_of_different_lengths_are_drawn_against_updates():
+    """sync_small's epochs are 875 updates, the other arms' 437: curves.png
+    draws every arm against updates (what plot_runs is given as x)."""
+    from tf_codistill.study import __main__ as main_mod
+    from tf_codistill.study import plots
+
+    studies = main_mod._load_studies(os.path.join(REPO, "experiments"))
+    _, context = main_mod.shared_context(studies, os.path.join(REPO, "docs", "results"))
+    data = dict((s["name"], d) for s, d in context)
+    runs, x_key, xlabel = plots.curve_runs(data["sync_vs_codistill"])
+    assert x_key == "updates" and xlabel.startswith("updates")
+    assert runs["sync_small"][0]["updates"][:2] == [875, 1750] and runs["sync"][0]["updates"][:2] == [
+        437,
+        874,
+    ]
+    assert runs["sync_small"][0]["updates"][-1] == runs["sync"][0]["updates"][-1] == 13110
+    _, x_key, xlabel = plots.curve_runs(data["groups"])  # every epoch 437 updates: epochs, so labelled
+    assert x_key is None and xlabel == "epoch (437 updates each)"
+    lm = study.load_study(os.path.join(REPO, "experiments", "shakespeare", "shakespeare.toml"))
+    lm_dir = os.path.join(REPO, "docs", "results", "shakespeare", "shakespeare")
+    lm_data = main_mod.StudyData(lm, *study.read_csvs(lm, lm_dir))
+    runs, x_key, xlabel = plots.curve_runs(lm_data)  # an "epoch" there is 100 updates
+    assert x_key == "updates" and runs["sync"][0]["updates"][:2] == [100, 200]
