@@ -70,7 +70,7 @@ def test_smoke_study_runs_resumes_and_reports(tmp_path, data_dir, mnist1d_spec):
     report = (out / "REPORT.md").read_text()
     assert "| sync |" in report and "| codistill |" in report and "± 0.00 |" in report
     assert "needs 2 or more seeds per arm" in report  # one seed: no interval
-    assert "Convergence of `sync`: sync accuracy changed by" in report
+    assert "Convergence of `sync`: not assessable: fewer than 3 evaluations" in report  # one epoch
     with open(out / "smoke" / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["arm"] for r in rows) == ["codistill", "sync"]
@@ -177,8 +177,9 @@ def test_committed_results_rebuild_byte_for_byte(tmp_path, folder, results):
         pytest.skip(f"{results} holds no study's runs.csv yet (no study has run)")
     tree = tmp_path / "tree"
     shutil.copytree(os.path.join(REPO, folder), tree / folder, ignore=shutil.ignore_patterns("large"))
-    for path, name in ran:
+    for _, name in ran:  # all first: a report refers to the runs other studies share with it
         shutil.copytree(os.path.join(REPO, results, name), tree / results / name)
+    for path, name in ran:
         out = tree / results / name / "REPORT.md"
         out.unlink()
         proc = _study(f"{folder}/{path}", results, "--report_only", "--no_plots", cwd=tree)
@@ -374,3 +375,176 @@ def test_a_language_model_study_reports_validation_nll(tmp_path, data_dir):
     rebuilt = _study(config, out, "--report_only", "--no_plots")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (out / "lm" / "REPORT.md").read_text() == report
+
+
+def _synthetic(tmp_path, toml_arms: str, curves_of: dict, steps: int, per_epoch: int, seeds=(0, 1, 2)):
+    """A StudyData from made-up rows: `curves_of[label](updates) -> accuracy`."""
+    from tf_codistill.study.analysis import StudyData
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'name = "s"\nseeds = {list(seeds)}\n[common]\nsteps = {steps}\n{toml_arms}')
+    loaded = study.load_study(str(path))
+    runs, curves = [], []
+    for label, accuracy in curves_of.items():
+        for seed in seeds:
+            runs.append(
+                {"arm": label, "seed": seed, "status": "ok", "steps": steps, "steps_per_epoch": per_epoch}
+            )
+            for epoch in range(1, -(-steps // per_epoch) + 1):
+                updates = min(epoch * per_epoch, steps)
+                curves.append(
+                    {
+                        "arm": label,
+                        "seed": seed,
+                        "epoch": epoch,
+                        "updates": updates,
+                        "val_accuracy": accuracy(updates) + 0.0001 * seed,
+                        "task_loss": 2.0 / epoch,
+                    }
+                )
+    return StudyData(loaded, runs, curves)
+
+
+def test_convergence_is_not_read_where_the_rate_has_decayed(tmp_path):
+    """A curve that flattens only once the step schedule has taken the rate to
+    1/100 of its peak fails (the old criterion, over the last 20% of updates,
+    passed it); a plateau at a constant rate holds; a window with too few
+    evaluations is not assessable."""
+    from tf_codistill.study import analysis, markdown
+
+    steps, per_epoch = 9000, 300  # goyal: x0.1 at 3,000, x0.01 at 6,000, x0.001 at 8,000
+
+    def decayed(updates):  # climbs while the rate is >= 1/10 of peak, frozen after
+        return 0.5 + 0.4 * min(updates, 6000) / 6000
+
+    def plateau(updates):  # reaches its level at a third of the run, at a healthy rate
+        return 0.5 + 0.4 * min(updates, 3000) / 3000
+
+    step_data = _synthetic(
+        tmp_path, '[[arms]]\nlabel = "sync"\nmode = "sync"\n', {"sync": decayed}, steps, per_epoch
+    )
+    (found,) = analysis.convergence(step_data)
+    assert found.cutoff == 6000 and found.total == steps and abs(found.tail_rate - 0.01) < 1e-12
+    assert found.end_updates <= 6000 and found.start_updates <= 0.8 * 6000
+    assert found.status == "fails" and found.change_points > 5
+    last_tail = decayed(steps) - decayed(0.8 * steps)
+    assert last_tail == 0  # what the old criterion read: flat, so it "held"
+    text = "\n".join(markdown._convergence_lines(step_data))
+    assert "): fails. The last 33% of the run (updates 6,000 -> 9,000) is at 1/100 of the peak rate" in text
+
+    constant = _synthetic(
+        tmp_path,
+        '[[arms]]\nlabel = "sync"\nmode = "sync"\nlr_schedule = "constant"\n',
+        {"sync": plateau},
+        steps,
+        per_epoch,
+    )
+    (found,) = analysis.convergence(constant)
+    assert found.cutoff == steps and found.status == "holds" and abs(found.change_points) < 0.1
+
+    coarse = _synthetic(
+        tmp_path,
+        '[[arms]]\nlabel = "sync"\nmode = "sync"\nlr_schedule = "constant"\n',
+        {"sync": plateau},
+        steps,
+        3000,
+    )
+    (found,) = analysis.convergence(coarse)
+    assert found.status == "not assessable" and not found.holds and "evaluations" in found.why_not
+    assert (
+        "Convergence of `sync`: not assessable: fewer than 3 evaluations"
+        in markdown._convergence_lines(coarse)[2]
+    )
+
+
+def test_the_rate_schedule_read_from_flags_matches_train_pys():
+    """analysis.rate_fraction is the schedule runner._arm_schedules builds, as a
+    fraction of its peak (step with warmup, cosine with a floor, constant)."""
+    from tf_codistill import runner
+    from tf_codistill.config import TrainConfig
+    from tf_codistill.study import analysis
+
+    total, per_epoch = 900, 30
+    for extra in ({}, {"lr_schedule": "cosine", "lr_floor": 0.05}, {"lr_schedule": "constant"}):
+        arm = {"label": "sync", "mode": "sync", "_base": "sync", "_point": {}, **extra}
+        loaded = {"common": {"steps": total}, "arms": [arm]}
+        rate = analysis.rate_fraction(loaded, arm, total, per_epoch)
+        cfg = TrainConfig(mode="sync", steps=total, **extra)
+        lr, _, _ = runner._arm_schedules(cfg, "sync", 128, total, per_epoch)
+        peak = 0.4 * 128 / 256
+        for step in (0, 10, 59, 60, 299, 300, 301, 599, 600, 700, 800, 899):
+            assert abs(rate(step) - float(lr(step)) / peak) < 1e-5, (extra, step)
+
+
+def test_planned_names_comparisons_and_an_unknown_one_is_refused(tmp_path):
+    base = 'name = "x"\nseeds = [0, 1]\nbaseline = "a"\n[[arms]]\nlabel = "a"\nmode = "sync"\n'
+    base += '[[arms]]\nlabel = "b"\nmode = "codistill"\n'
+    path = tmp_path / "p.toml"
+    path.write_text('planned = ["b"]\n' + base)
+    assert study.load_study(str(path))["planned"] == ["b"]
+    for planned, message in (
+        ('["c"]', "names 'c', which is no comparison"),
+        ('["a"]', "names 'a'"),
+        ('"b"', "a list"),
+    ):
+        path.write_text(f"planned = {planned}\n" + base)
+        with pytest.raises(ValueError, match=message):
+            study.load_study(str(path))
+
+
+def test_shared_runs_are_marked_and_their_comparisons_are_repeats():
+    """docs/results: the arms whose flags and seeds equal an earlier study's
+    are marked with it, hold the very same numbers, and a comparison of the
+    same two run sets is a repeat of the first, not counted again."""
+    from tf_codistill.study import __main__ as main_mod
+    from tf_codistill.study import analysis
+
+    studies = main_mod._load_studies(os.path.join(REPO, "experiments"))
+    shared, context = main_mod.shared_context(studies, os.path.join(REPO, "docs", "results"))
+    data = dict((s["name"], d) for s, d in context)
+    groups = data["groups"].study
+    assert shared.same_runs(groups, "sync") == "distance/sync"
+    assert shared.same_runs(groups, "groups_2") == "distance/kl"
+    assert shared.same_runs(groups, "groups_4") is None
+    assert shared.same_runs(data["distance"].study, "sync") is None
+    for name, label, first in (
+        ("groups", "groups_2", ("distance", "kl")),
+        ("schedules", "sync_step", ("distance", "sync")),
+    ):
+        assert data[name].accuracies(label) == data[first[0]].accuracies(first[1])  # the very same runs
+    items = analysis.comparisons(analysis.StudyData(groups, *_rows_of(data["groups"]), shared))
+    assert [i.repeat_of for i in items] == ["distance: sync - kl", None]
+    report = open(os.path.join(REPO, "docs", "results", "groups", "REPORT.md")).read()
+    assert "| groups_2 (the same runs as distance/kl) |" in report
+    assert "groups_2 - sync (a repeat of distance: sync - kl)" in report
+
+
+def _rows_of(data):
+    return [r for rows in data.runs.values() for r in rows], [
+        c for rows in data.curves.values() for c in rows
+    ]
+
+
+def test_curves_with_epochs_of_different_lengths_are_drawn_against_updates():
+    """sync_small's epochs are 875 updates, the other arms' 437: curves.png
+    draws every arm against updates (what plot_runs is given as x)."""
+    from tf_codistill.study import __main__ as main_mod
+    from tf_codistill.study import plots
+
+    studies = main_mod._load_studies(os.path.join(REPO, "experiments"))
+    _, context = main_mod.shared_context(studies, os.path.join(REPO, "docs", "results"))
+    data = dict((s["name"], d) for s, d in context)
+    runs, x_key, xlabel = plots.curve_runs(data["sync_vs_codistill"])
+    assert x_key == "updates" and xlabel.startswith("updates")
+    assert runs["sync_small"][0]["updates"][:2] == [875, 1750] and runs["sync"][0]["updates"][:2] == [
+        437,
+        874,
+    ]
+    assert runs["sync_small"][0]["updates"][-1] == runs["sync"][0]["updates"][-1] == 13110
+    _, x_key, xlabel = plots.curve_runs(data["groups"])  # every epoch 437 updates: epochs, so labelled
+    assert x_key is None and xlabel == "epoch (437 updates each)"
+    lm = study.load_study(os.path.join(REPO, "experiments", "shakespeare", "shakespeare.toml"))
+    lm_dir = os.path.join(REPO, "docs", "results", "shakespeare", "shakespeare")
+    lm_data = main_mod.StudyData(lm, *study.read_csvs(lm, lm_dir))
+    runs, x_key, xlabel = plots.curve_runs(lm_data)  # an "epoch" there is 100 updates
+    assert x_key == "updates" and runs["sync"][0]["updates"][:2] == [100, 200]

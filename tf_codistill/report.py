@@ -176,6 +176,7 @@ def plot_runs(
     title: str | None = None,
     xlabel: str = "epoch (of the sync arm; equal updates per model)",
     metric: str = "accuracy",
+    x_key: str | None = None,
 ) -> None:
     """Test accuracy and training task loss against epochs, one line per label
     (with 5 or more epochs, a middle panel zooms into the last 40% of the
@@ -194,6 +195,8 @@ def plot_runs(
         xlabel: Both panels' x-axis label.
         metric: "accuracy", or "loss" for language models (validation NLL
             from `val_loss`, lower is better).
+        x_key: A history key holding each epoch's x value (e.g. "updates"),
+            drawn against instead of the epoch number (None: epochs 1, 2, ...).
     """
     import matplotlib
 
@@ -223,6 +226,8 @@ def plot_runs(
             mean, se = curve_band(curves)
             length = len(mean)
             epochs = np.arange(1, length + 1)
+            if x_key is not None:
+                epochs = np.asarray(next(h[x_key] for h in histories if h.get(key))[:length])
             (line,) = ax.plot(
                 epochs,
                 mean,
@@ -243,7 +248,9 @@ def plot_runs(
                     low, high = (mean - se)[tail], (mean + se)[tail]
                     ax_zoom.fill_between(epochs[tail], low, high, color=color, alpha=0.2, linewidth=0)
                 zoom_spans.append((mean[-1], float(low.min()), float(high.max())))
-    if longest <= 30:  # few epochs: whole-number ticks need room on both sides, even for one point
+    if (
+        longest <= 30 and x_key is None
+    ):  # few epochs: whole-number ticks need room on both sides, even for one point
         for ax in (ax_acc, ax_loss):
             ax.set_xlim(0.5, longest + 0.5)
     text = metric == "loss"

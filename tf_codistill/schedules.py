@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from tf_codistill.checks import check_int, check_number, is_number
+from tf_codistill.config import MILESTONE_PRESETS  # re-exported: milestone fractions by preset name
 
 __all__ = [
     "AlphaSchedule",
@@ -38,16 +39,6 @@ def _check_boundaries(boundaries) -> list[int]:
     if steps != sorted(steps):
         raise ValueError(f"boundaries must not decrease; got {steps}.")
     return steps
-
-
-# Learning-rate milestones as fractions of the run. "goyal" is ResNet-50's
-# 30/60/80 of 90 epochs (the sync protocol; halving epochs and milestones
-# together keeps the fractions, the paper's "out of the box" codistillation);
-# "delayed" is the paper's fix for codistillation, 18/38/44 of 45 epochs.
-MILESTONE_PRESETS = {
-    "goyal": (30 / 90, 60 / 90, 80 / 90),
-    "delayed": (18 / 45, 38 / 45, 44 / 45),
-}
 
 
 def goyal_learning_rate(base_lr: float, batch_size: int) -> float:

@@ -31,7 +31,10 @@ the report gives the updates each arm needed to reach it and plots them
 against the total batch; `select` ("test_accuracy" or "train_loss"): how the
 best point of an arm's grid is chosen. Per arm: `[arms.grid]` maps train.py
 flags to lists of values; the arm runs every combination (labels
-`<label>-<flag><value>...`) and is reported at its best one.
+`<label>-<flag><value>...`) and is reported at its best one. `planned`
+(a list of arm labels and contrast names): the comparisons declared before
+the runs, confirmatory; the report marks every other comparison exploratory
+(arm label: that arm against its `compare_to` or `baseline`).
 
 Every (arm, seed) is one `python -m tf_codistill.train` process writing to
 `<out>/<study>/<arm>/seed<k>`; a run whose `results.json` exists is not run

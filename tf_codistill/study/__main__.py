@@ -18,21 +18,25 @@ import subprocess
 import sys
 
 from tf_codistill import config
-from tf_codistill.study.analysis import StudyData
+from tf_codistill.study.analysis import StudyData, comparisons
 from tf_codistill.study.collect import collect
 from tf_codistill.study.execute import run_study
-from tf_codistill.study.markdown import study_lines, summary_lines
+from tf_codistill.study.markdown import NLL_OUTCOMES, study_lines, summary_lines
+from tf_codistill.study.shared import Shared
 from tf_codistill.study.spec import RUNNER_FLAGS, load_study
 from tf_codistill.study.tables import read_csvs, write_csvs
 
 __all__ = ["main", "build_report"]
 
 
-def build_report(study: dict, study_dir: str, config_shown: str, plots: bool = True) -> list[str]:
+def build_report(
+    study: dict, study_dir: str, config_shown: str, plots: bool = True, shared: Shared | None = None
+) -> list[str]:
     """Builds `<study_dir>/REPORT.md` (and the plots) from its two CSVs alone;
-    returns the study's section for the combined report."""
+    returns the study's section for the combined report. `shared`: the runs and
+    comparisons other studies report too (`shared_context`)."""
     runs, curves = read_csvs(study, study_dir)
-    data = StudyData(study, runs, curves)
+    data = StudyData(study, runs, curves, shared)
     with open(os.path.join(study_dir, "REPORT.md"), "w") as f:
         f.write("\n".join(study_lines(study, data, "", config_shown)) + "\n")
     if plots:
@@ -98,6 +102,39 @@ def _load_studies(path: str) -> list[dict]:
     return [load_study(path)]
 
 
+def outcomes(study: dict) -> tuple[str, ...]:
+    """The outcomes a study's comparisons are made on."""
+    return tuple(key for key, _ in NLL_OUTCOMES) if study.get("metric") == "nll" else ("test_accuracy",)
+
+
+def shared_context(
+    studies: list[dict], out: str, seeds: list[int] | None = None, overrides: dict | None = None
+) -> tuple[Shared, list[tuple[dict, StudyData]]]:
+    """The studies beside `studies` (every study file in their folders, in run
+    order, with the same `seeds` and `overrides`) that have runs under `out`:
+    which of their runs and comparisons are the same, and each one's data."""
+    given = {s["path"]: s for s in studies}
+    siblings = []
+    for folder in dict.fromkeys(os.path.dirname(s["path"]) or "." for s in studies):
+        for other in _load_studies(folder):
+            if other["path"] in given:
+                other = given[other["path"]]
+            else:
+                if seeds:
+                    other["seeds"] = seeds
+                other["common"].update(overrides or {})
+            siblings.append(other)
+    ran = [s for s in siblings if os.path.exists(os.path.join(out, s["name"], "runs.csv"))]
+    shared = Shared(ran)
+    context = []
+    for other in ran:
+        data = StudyData(other, *read_csvs(other, os.path.join(out, other["name"])))
+        for key in outcomes(other):
+            shared.add(other, comparisons(data, key))
+        context.append((other, data))
+    return shared, context
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -140,14 +177,22 @@ def main(argv=None) -> int:
     )
     sections = []
     try:
+        shared, context = shared_context(studies, args.out, seeds, overrides)
         for study in studies:
             shown = os.path.normpath(study["path"])
-            sections += build_report(study, os.path.join(args.out, study["name"]), shown, not args.no_plots)
+            sections += build_report(
+                study, os.path.join(args.out, study["name"]), shown, not args.no_plots, shared
+            )
     except (OSError, ValueError) as err:
         print(f"study: error: {err}", file=sys.stderr)
         return 1
+    names = {s["name"] for s in studies}
     header = summary_lines(
-        command, [os.path.normpath(s["path"]) for s in not_run], os.path.normpath(args.out)
+        command,
+        [os.path.normpath(s["path"]) for s in not_run],
+        os.path.normpath(args.out),
+        [(s, d) for s, d in context if s["name"] in names],
+        shared,
     )
     with open(os.path.join(args.out, "REPORT.md"), "w") as f:
         f.write("\n".join(header + sections) + "\n")

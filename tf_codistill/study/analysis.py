@@ -7,17 +7,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
-from tf_codistill import selection, stats
+from tf_codistill import config, selection, stats
 from tf_codistill.study.spec import effective, reported_arms
 from tf_codistill.study.tables import curve_keys
 
-__all__ = ["StudyData", "convergence", "overfitting", "comparisons", "target_series", "series"]
+__all__ = [
+    "StudyData",
+    "rate_fraction",
+    "healthy_end",
+    "convergence",
+    "overfitting",
+    "comparisons",
+    "target_series",
+    "series",
+]
 
-# The convergence criterion: sync's mean test accuracy may change by less than
-# this many points over the last `TAIL` of the run's updates.
+# The convergence criterion: sync's mean accuracy may change by less than
+# CONVERGED_POINTS over the last TAIL of the updates at which the learning rate
+# is still at least HEALTHY_RATE of its peak. Updates at a lower rate are not
+# counted: a rate decayed to nearly zero stops the weights moving, so accuracy
+# flattens there whether or not the model has converged (with the step
+# schedule's "goyal" milestones the last third of a run is at 1/100 of the peak
+# or less). The change is measured between evaluations (epochs), so the window
+# needs MIN_INTERVALS epochs or more in it, or it is "not assessable".
 CONVERGED_POINTS = 0.2
 TAIL = 0.2
+HEALTHY_RATE = 0.1
+MIN_INTERVALS = 2
 # A sync arm's validation NLL that ends this far (nats) above its lowest epoch overfits.
 OVERFIT_RISE = 0.01
 
@@ -34,8 +52,9 @@ def finite(values) -> list[float]:
 class StudyData:
     """A study's CSV rows, indexed; grid arms resolved to their best point."""
 
-    def __init__(self, study: dict, runs: list[dict], curves: list[dict]):
+    def __init__(self, study: dict, runs: list[dict], curves: list[dict], shared=None):
         self.study = study
+        self.shared = shared  # a `shared.Shared`: runs and comparisons other studies report too (or None)
         self.by_label = {arm["label"]: arm for arm in study["arms"]}
         self.runs = {}
         for r in runs:
@@ -95,24 +114,88 @@ def _sync_bases(data: StudyData) -> list[str]:
     ]
 
 
+def warmup_updates(study: dict, arm: dict, total: int, steps_per_epoch: int) -> int:
+    """The updates of `arm`'s linear warmup (as train.py cuts it to the run)."""
+    warmup = effective(study, arm, "warmup_steps")
+    warmup = warmup or int(round(effective(study, arm, "warmup_epochs") * steps_per_epoch))
+    return min(warmup, max(total - 1, 0))
+
+
+def rate_fraction(study: dict, arm: dict, total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate of a sync `arm` at an update (0-based), as a fraction
+    of its peak, for a run of `total` updates: train.py's schedule
+    (runner._arm_schedules with schedules' formulas), in plain Python."""
+    warmup = warmup_updates(study, arm, total, steps_per_epoch)
+    kind = effective(study, arm, "lr_schedule")
+
+    def warm(step: int) -> float | None:
+        return min((step + 1) / warmup, 1.0) if warmup and step < warmup else None
+
+    if kind == "step":
+        fractions = config.parse_milestones(effective(study, arm, "lr_milestones"))
+        boundaries = [max(1, int(round(f * total))) for f in fractions]  # schedules.milestone_steps
+
+        def step_rate(step: int) -> float:
+            decayed = 0.1 ** sum(step >= b for b in boundaries)
+            w = warm(step)
+            return decayed if w is None else w * decayed
+
+        return step_rate
+    if kind == "cosine":
+        floor = effective(study, arm, "lr_floor")
+
+        def cosine_rate(step: int) -> float:
+            w = warm(step)
+            if w is not None:
+                return w
+            progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+            return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * progress))
+
+        return cosine_rate
+    return lambda step: warm(step) or 1.0
+
+
+def healthy_end(rate: Callable[[int], float], total: int, warmup_end: int = 0) -> int:
+    """The updates done before the rate first falls below HEALTHY_RATE of its
+    peak after warmup (and stays there: the schedules never rise again), or
+    `total` where it never does."""
+    for step in range(warmup_end, total):
+        if rate(step) < HEALTHY_RATE - 1e-12:
+            return step
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class Convergence:
-    """A sync arm's mean test accuracy (over seeds) from the last epoch ending
-    at or before (1 - TAIL) of the run to the last epoch."""
+    """A sync arm's mean accuracy (over seeds) over the window the criterion
+    reads: the last TAIL of the updates before `cutoff`, where the learning
+    rate falls below HEALTHY_RATE of its peak (the run's end where it never does).
+    `start`/`end` are the epochs measured between; None where there is no window."""
 
     base: str
-    start: int  # 0-based epoch the change is measured from
-    length: int  # epochs every seed has
+    cutoff: int  # updates at a healthy rate
+    total: int  # updates the schedule is laid out over
+    tail_rate: float  # the highest rate after `cutoff`, as a fraction of the peak (0: none)
+    start: int | None  # 0-based epochs the change is measured between
+    end: int | None
     start_updates: int
-    total_updates: int
+    end_updates: int
     seeds: int
     change_points: float
     first_loss: float  # mean training task loss, first and last epoch
     last_loss: float
+    why_not: str = ""  # why the window cannot be assessed
+
+    @property
+    def status(self) -> str:
+        """ "holds", "fails" or "not assessable"."""
+        if self.why_not:
+            return "not assessable"
+        return "holds" if abs(self.change_points) < CONVERGED_POINTS else "fails"
 
     @property
     def holds(self) -> bool:
-        return abs(self.change_points) < CONVERGED_POINTS and self.length > 1
+        return self.status == "holds"
 
     @property
     def learned(self) -> bool:
@@ -126,30 +209,53 @@ def convergence(data: StudyData) -> list[Convergence | str]:
     found = []
     for base in _sync_bases(data):
         label = data.chosen[base]
-        curves = [data.curves.get((label, r["seed"]), []) for r in data.ok(label)]
+        arm = data.by_label[label]
+        runs = data.ok(label)
+        curves = [data.curves.get((label, r["seed"]), []) for r in runs]
         curves = [c for c in curves if c]
         if not curves:
             found.append(base)
             continue
         length = min(len(c) for c in curves)
-        total = curves[0][length - 1]["updates"]
-        start = 0
-        for i in range(length):
-            if curves[0][i]["updates"] <= (1 - TAIL) * total:
-                start = i
+        total = effective(data.study, arm, "steps") or max(r["steps"] for r in runs)
+        per_epoch = runs[0]["steps_per_epoch"]
+        rate = rate_fraction(data.study, arm, total, per_epoch)
+        cutoff = healthy_end(rate, total, warmup_updates(data.study, arm, total, per_epoch))
+        tail_rate = rate(cutoff) if cutoff < total else 0.0
+        updates = [curves[0][i]["updates"] for i in range(length)]
+        window = (1 - TAIL) * cutoff
+        start = max((i for i in range(length) if updates[i] <= window), default=None)
+        end = max((i for i in range(length) if updates[i] <= cutoff), default=None)
+        ran = min(c[length - 1]["updates"] for c in curves)
+        why_not = ""
+        if ran < cutoff:
+            why_not = (
+                f"the runs end at update {ran:,}, before update {cutoff:,} where the window ends "
+                f"(the schedule is laid out over {total:,})"
+            )
+        elif start is None or end is None or end - start < MIN_INTERVALS:
+            why_not = (
+                f"fewer than {MIN_INTERVALS + 1} evaluations span updates {window:,.0f} -> {cutoff:,}, the "
+                f"window (one every {per_epoch:,} updates)"
+            )
         accuracy = [mean([c[i]["val_accuracy"] for c in curves]) for i in range(length)]
         losses = [mean([c[i]["task_loss"] for c in curves]) for i in (0, length - 1)]
+        change = 100 * (accuracy[end] - accuracy[start]) if not why_not else math.nan
         found.append(
             Convergence(
                 base=base,
-                start=start,
-                length=length,
-                start_updates=curves[0][start]["updates"],
-                total_updates=total,
+                cutoff=cutoff,
+                total=total,
+                tail_rate=tail_rate,
+                start=None if why_not else start,
+                end=None if why_not else end,
+                start_updates=updates[start] if start is not None else 0,
+                end_updates=updates[end] if end is not None else 0,
                 seeds=len(curves),
-                change_points=100 * (accuracy[-1] - accuracy[start]),
+                change_points=change,
                 first_loss=losses[0],
                 last_loss=losses[1],
+                why_not=why_not,
             )
         )
     return found
@@ -203,6 +309,11 @@ class Comparison:
     formula: str | None = None  # a contrast's arms, as written in the study
     result: stats.Contrast | None = None  # None: fewer than 2 seeds in an arm
     verdict: str = ""
+    planned: bool = False  # confirmatory: named in the study's `planned` (declared before the runs)
+    labels: tuple[str, ...] = ()  # the (chosen) arm label of each sample
+    key: str = "test_accuracy"  # the outcome compared
+    holm_p: float | None = None  # Holm-adjusted p within the study's confirmatory family (this outcome)
+    repeat_of: str | None = None  # "study: name" of the first comparison of the same runs, if another
 
 
 def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]:
@@ -215,15 +326,29 @@ def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]
         if against is None or against == base:
             continue
         samples = [data.accuracies(base, key), data.accuracies(against, key)]
-        items.append(Comparison(f"{base} - {against}", samples, [1, -1], arm.get("expected")))
+        items.append(
+            Comparison(
+                f"{base} - {against}",
+                samples,
+                [1, -1],
+                arm.get("expected"),
+                planned=base in study["planned"],
+                labels=(data.chosen[base], data.chosen[against]),
+                key=key,
+            )
+        )
     for item in study["contrasts"]:
+        arms = item["plus"] + item["minus"]
         items.append(
             Comparison(
                 item["name"],
-                [data.accuracies(b, key) for b in item["plus"] + item["minus"]],
+                [data.accuracies(b, key) for b in arms],
                 [1] * len(item["plus"]) + [-1] * len(item["minus"]),
                 item.get("expected"),
                 formula=" + ".join(item["plus"]) + " - " + " - ".join(item["minus"]),
+                planned=item["name"] in study["planned"],
+                labels=tuple(data.chosen[b] for b in arms),
+                key=key,
             )
         )
     for item in items:
@@ -232,7 +357,25 @@ def comparisons(data: StudyData, key: str = "test_accuracy") -> list[Comparison]
             item.verdict = stats.verdict(item.result, item.expected)
         else:
             item.verdict = "needs 2 or more seeds per arm"
+    family = [i for i in items if i.planned and i.result is not None]
+    for item, adjusted in zip(family, holm([i.result.p for i in family])):
+        item.holm_p = adjusted
+    if data.shared is not None:
+        for item in items:
+            item.repeat_of = data.shared.repeat_of(study, item)
     return items
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the given order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def series(study: dict, arm: dict) -> tuple[str, str]:

@@ -36,25 +36,66 @@ def _minutes(runs) -> str:
     return f"{analysis.mean(seconds) / 60:.1f}" if seconds else "-"
 
 
+def _fraction_text(value: float) -> str:
+    """1/100 for 0.01; a rate that is not 1/10^k as a decimal."""
+    inverse = 1 / value
+    if abs(inverse - round(inverse)) < 1e-6 and round(inverse) in (10, 100, 1000, 10000):
+        return f"1/{round(inverse)}"
+    return f"{value:.2g}"
+
+
+CRITERION = (
+    "Convergence criterion: sync's mean accuracy changes by less than {points:g} points over the last "
+    "{tail:g}% of the updates at which the learning rate is still at least 1/10 of its peak. Updates at a "
+    "lower rate are not counted: a rate decayed to nearly zero stops the weights moving, so the curve "
+    "flattens there whether or not the model has converged, and a criterion read there could not fail. "
+    "Where the window holds fewer than {evals} evaluations the criterion is not assessable."
+)
+
+
 def _convergence_lines(data: StudyData) -> list[str]:
-    lines = []
-    for found in analysis.convergence(data):
+    found_all = analysis.convergence(data)
+    if not found_all:
+        return [
+            "Convergence: this study has no sync arm; its run length is the one the studies with a "
+            "sync arm are checked at."
+        ]
+    lines = [
+        CRITERION.format(
+            points=analysis.CONVERGED_POINTS, tail=100 * analysis.TAIL, evals=analysis.MIN_INTERVALS + 1
+        ),
+        "",
+    ]
+    for found in found_all:
         if isinstance(found, str):
             lines.append(f"Convergence of `{found}`: no per-epoch curve (criterion not computed).")
             continue
-        holds = "holds" if found.holds else "fails"
+        tail = ""
+        if found.cutoff < found.total:
+            share = 100 * (found.total - found.cutoff) / found.total
+            below = (
+                f"at {_fraction_text(found.tail_rate)} of the peak rate or less"
+                if found.tail_rate <= analysis.HEALTHY_RATE / 10 + 1e-12
+                else "below 1/10 of the peak rate"
+            )
+            tail = (
+                f" The last {share:.0f}% of the run (updates {found.cutoff:,} -> {found.total:,}) is {below} "
+                "and is not counted."
+            )
+        if found.status == "not assessable":
+            lines.append(f"Convergence of `{found.base}`: not assessable: {found.why_not}.{tail}")
+            continue
+        status = found.status
         if not found.learned:
-            holds += f", but it did not learn (training loss {found.first_loss:.3g} -> {found.last_loss:.3g})"
+            status += (
+                f", but it did not learn (training loss {found.first_loss:.3g} -> {found.last_loss:.3g})"
+            )
         lines.append(
-            f"Convergence of `{found.base}`: sync accuracy changed by {found.change_points:+.2f} points over "
-            f"the last {100 * analysis.TAIL:g}% of epochs (epoch {found.start + 1} -> {found.length}, updates "
-            f"{found.start_updates:,} -> {found.total_updates:,}, mean of {found.seeds} seeds; criterion "
-            f"< {analysis.CONVERGED_POINTS:g}): {holds}."
-        )
-    if not lines:
-        lines.append(
-            "Convergence: this study has no sync arm; its run length is the one the studies with a "
-            "sync arm are checked at."
+            f"Convergence of `{found.base}`: sync accuracy changed by {found.change_points:+.2f} points from "
+            f"epoch {found.start + 1} to {found.end + 1} (updates {found.start_updates:,} -> "
+            f"{found.end_updates:,}, the last {100 * analysis.TAIL:g}% of the {found.cutoff:,} at >= 1/10 of "
+            f"the peak rate; mean of {found.seeds} seeds; criterion < {analysis.CONVERGED_POINTS:g}): "
+            f"{status}.{tail}"
         )
     return lines
 
@@ -71,18 +112,69 @@ def _overfitting_lines(data: StudyData) -> list[str]:
     return lines
 
 
-def _finding(study: dict, items: list[Comparison]) -> str:
-    judged = [i for i in items if i.expected is not None]
-    if not judged:
-        return "Finding: no expected direction is declared for this study, so nothing to hold or fail."
+def _arm_name(data: StudyData, base: str) -> str:
+    """An arm's name in a table, with the study/arm whose runs these are, if another's."""
+    same = data.shared.same_runs(data.study, data.chosen[base]) if data.shared is not None else None
+    return base if same is None else f"{base} (the same runs as {same})"
+
+
+def _interval(item: Comparison, scale: float, digits: int) -> str:
+    return f"[{scale * item.result.low:+.{digits}f}, {scale * item.result.high:+.{digits}f}]"
+
+
+def _finding(study: dict, items: list[Comparison], scale: float = 100, digits: int = 2) -> str:
+    """The confirmatory comparisons' verdicts, then the exploratory intervals
+    that exclude 0 (leads). "Same" is never read from an interval that
+    includes 0: the interval bounds the difference, it does not show one."""
+    judged = [i for i in items if i.planned and i.repeat_of is None]
     seeds = len(study["seeds"])
-    parts = []
-    for verdict in ("held", "failed", "cannot be told apart", "needs 2 or more seeds per arm"):
-        names = [f"{i.name} (expected {i.expected})" for i in judged if i.verdict == verdict]
-        if names:
-            what = f"cannot be told apart at {seeds} seeds" if verdict == "cannot be told apart" else verdict
-            parts.append(f"{what} for {', '.join(names)}")
-    return "Finding: the expected difference " + "; ".join(parts) + "."
+    if not judged:
+        text = "Finding: no comparison of this study was planned (confirmatory) before its runs"
+        text += (
+            "; nothing to hold or fail." if not any(i.planned for i in items) else " that is not a repeat."
+        )
+    else:
+        parts = []
+        for verdict in ("held", "failed", "differs", "cannot be told apart", "needs 2 or more seeds per arm"):
+            names = []
+            for i in judged:
+                if i.verdict != verdict:
+                    continue
+                what = f"expected {i.expected}" if i.expected else "no direction expected"
+                if i.expected == "same" and verdict == "cannot be told apart":
+                    what += f"; the interval {_interval(i, scale, digits)} bounds the difference, it does not show none"
+                names.append(f"{i.name} ({what})")
+            if names:
+                label = (
+                    f"cannot be told apart at {seeds} seeds" if verdict == "cannot be told apart" else verdict
+                )
+                parts.append(f"{label} for {', '.join(names)}")
+        text = "Finding (confirmatory): the planned difference " + "; ".join(parts)
+    leads = [i for i in items if not i.planned and i.result is not None and i.result.excludes_zero()]
+    leads = [i for i in leads if i.repeat_of is None]
+    if leads:
+        text += ". Exploratory intervals that exclude 0 (leads to replicate, not findings): " + ", ".join(
+            f"{i.name} {_interval(i, scale, digits)}" for i in leads
+        )
+    return text + "."
+
+
+def _multiplicity(items: list[Comparison]) -> str:
+    new = [i for i in items if i.repeat_of is None]
+    planned = sum(i.planned for i in new)
+    repeats = len(items) - len(new)
+    again = (
+        f"; {repeats} repeat{'s' if repeats != 1 else ''} of another study's comparison of the same runs, not counted"
+        if repeats
+        else ""
+    )
+    return (
+        f"Multiplicity: {planned} confirmatory interval{'s' if planned != 1 else ''} (named in the study's "
+        f"`planned` before the runs) and {len(new) - planned} exploratory{again}. At 95% per interval about "
+        "1 in 20 exploratory intervals excludes 0 by chance where there is no difference, so an exploratory "
+        '"held" or "differs" is a lead, not a finding. Holm p: the p-value adjusted by Holm\'s step-down '
+        "method over this study's confirmatory family (family-wise error 5% where < 0.05)."
+    )
 
 
 def _comparison_table(items: list[Comparison], columns: str, scale: float, digits: int) -> list[str]:
@@ -90,18 +182,23 @@ def _comparison_table(items: list[Comparison], columns: str, scale: float, digit
     first two columns; differences and intervals are multiplied by `scale`
     (100: points) and shown with `digits` decimals."""
     lines = [
-        f"| {columns} | 95% CI (Welch) | p (two-sided) | expected | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| {columns} | 95% CI (Welch) | p (two-sided) | Holm p | planned | expected | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for item in items:
         res = item.result
         name = item.name if item.formula is None else f"{item.name}: {item.formula}"
+        if item.repeat_of is not None:
+            name += f" (a repeat of {item.repeat_of})"
+        kind = "confirmatory" if item.planned else "exploratory"
         if res is None:
-            lines.append(f"| {name} | - | - | - | {item.expected or '-'} | {item.verdict} |")
+            lines.append(f"| {name} | - | - | - | - | {kind} | {item.expected or '-'} | {item.verdict} |")
             continue
         diff, low, high = (f"{scale * v:+.{digits}f}" for v in (res.diff, res.low, res.high))
+        holm = "-" if item.holm_p is None else f"{item.holm_p:.3f}"
         lines.append(
-            f"| {name} | {diff} | [{low}, {high}] | {res.p:.3f} | {item.expected or '-'} | {item.verdict} |"
+            f"| {name} | {diff} | [{low}, {high}] | {res.p:.3f} | {holm} | {kind} | {item.expected or '-'} "
+            f"| {item.verdict} |"
         )
     return lines
 
@@ -120,14 +217,14 @@ def _nll_lines(study: dict, data: StudyData, image_dir: str) -> list[str]:
         runs = data.ok(label)
         arm = data.by_label[label]
         if not runs:
-            lines.append(f"| {base} | `{arm_flags(arm)}` |" + " - |" * 9)
+            lines.append(f"| {_arm_name(data, base)} | `{arm_flags(arm)}` |" + " - |" * 9)
             continue
         steps = sorted({r["steps"] for r in runs})
         cells = [_num([r[k] for r in runs]) for k in ("best_val_loss", "val_loss")]
         cells += [_num([r[k] for r in runs]) for k in ("ensemble_best_val_loss", "ensemble_val_loss")]
         cells += [_num([r["test_loss"] for r in runs]), _num([r["train_loss"] for r in runs])]
         lines.append(
-            f"| {base} | `{arm_flags(arm)}` | {' | '.join(cells)} | {'/'.join(f'{s:,}' for s in steps)} | "
+            f"| {_arm_name(data, base)} | `{arm_flags(arm)}` | {' | '.join(cells)} | {'/'.join(f'{s:,}' for s in steps)} | "
             f"{runs[0]['bytes_equivalent_per_step']:,.0f} | {_minutes(runs)} |"
         )
     lines += [
@@ -142,7 +239,8 @@ def _nll_lines(study: dict, data: StudyData, image_dir: str) -> list[str]:
         if not items:
             continue
         lines += _comparison_table(items, f"comparison ({what}) | difference, nats", 1, 4)
-        lines += ["", _finding(study, items).replace("Finding:", f"Finding ({what}):"), ""]
+        finding = _finding(study, items, 1, 4).replace("Finding", f"Finding ({what})", 1)
+        lines += ["", finding, "", _multiplicity(items), ""]
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
     for base in reported_arms(study):
         runs = [r for r in data.ok(data.chosen[base]) if r.get("sample")]
@@ -170,12 +268,12 @@ def _accuracy_table(study: dict, data: StudyData) -> list[str]:
         first = runs[0] if runs else {}
         steps = sorted({r["steps"] for r in runs})
         row = (
-            f"| {base} | `{arm_flags(arm)}` | {_pct([r['test_accuracy'] for r in runs])} | "
+            f"| {_arm_name(data, base)} | `{arm_flags(arm)}` | {_pct([r['test_accuracy'] for r in runs])} | "
             f"{_pct([r['ensemble_test_accuracy'] for r in runs])} | {_num([r['train_loss'] for r in runs])} | "
             f"{'/'.join(f'{s:,}' for s in steps) or '-'} | "
             f"{first['bytes_equivalent_per_step']:,.0f} | {_minutes(runs)} |"
             if first
-            else f"| {base} | `{arm_flags(arm)}` | - | - | - | - | - | - |"
+            else f"| {_arm_name(data, base)} | `{arm_flags(arm)}` | - | - | - | - | - | - |"
         )
         if target is not None:
             got = finite([data.updates_to(label, r["seed"], target) for r in runs])
@@ -267,7 +365,7 @@ def study_lines(study: dict, data: StudyData, image_dir: str, config_shown: str)
     items = analysis.comparisons(data)
     if items:
         lines += _comparison_table(items, "comparison (test accuracy) | difference, points", 100, 2)
-        lines += ["", _finding(study, items), ""]
+        lines += ["", _finding(study, items), "", _multiplicity(items), ""]
     lines += _grid_lines(study, data)
     lines += decision.report_lines(data, lambda label, key: effective(study, data.by_label[label], key))
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
@@ -276,9 +374,63 @@ def study_lines(study: dict, data: StudyData, image_dir: str, config_shown: str)
     return lines
 
 
-def summary_lines(command: str, not_run: list[str], out: str) -> list[str]:
+def _summary_counts(context: list, shared) -> list[str]:
+    """Runs and intervals across the studies, each set of runs and each
+    comparison of the same runs counted once."""
+    rows = distinct = 0
+    marked = []
+    confirmatory = exploratory = repeats = 0
+    for study, data in context:
+        for label, runs in data.runs.items():
+            rows += len(runs)
+            same = shared.same_runs(study, label)
+            if same is None:
+                distinct += len(runs)
+            elif label in data.chosen.values():
+                marked.append(f"{study['name']}/{label} = {same}")
+        keys = NLL_OUTCOMES if study.get("metric") == "nll" else (("test_accuracy", ""),)
+        for key, _ in keys:
+            for item in analysis.comparisons(StudyData(study, _rows(data), _curve_rows(data), shared), key):
+                if item.repeat_of is not None:
+                    repeats += 1
+                elif item.planned:
+                    confirmatory += 1
+                else:
+                    exploratory += 1
+    lines = []
+    if marked:
+        lines += [
+            f"Shared runs: these studies hold {rows} runs, {distinct} of them distinct. The runner copies a "
+            "run whose flags and seed equal another study's, so these arms are the same runs as the first "
+            "study's (in run order) and are reported as that one, marked in their tables, not as new evidence: "
+            + "; ".join(marked)
+            + ".",
+            "",
+        ]
+    lines += [
+        f"Multiplicity: {confirmatory} confirmatory intervals (declared in a study's `planned` before its runs) "
+        f"and {exploratory} exploratory ones across these studies ({repeats} repeats of an earlier comparison of "
+        "the same runs not counted). At 95% per interval about 1 in 20 exploratory intervals excludes 0 by "
+        f'chance where there is no difference (here about {exploratory / 20:.1f}), so an exploratory "held" or '
+        '"differs" is a lead to replicate, not a finding. Holm p adjusts each study\'s confirmatory family.',
+        "",
+    ]
+    return lines
+
+
+def _rows(data: StudyData) -> list[dict]:
+    return [r for rows in data.runs.values() for r in rows]
+
+
+def _curve_rows(data: StudyData) -> list[dict]:
+    return [c for rows in data.curves.values() for c in rows]
+
+
+def summary_lines(command: str, not_run: list[str], out: str, context=(), shared=None) -> list[str]:
     """The combined REPORT.md's header: how it was made and how to read it.
-    `not_run`: the study files (as shown) that have no runs.csv under `out`."""
+    `not_run`: the study files (as shown) that have no runs.csv under `out`;
+    `context`: (study, StudyData) of the studies reported, `shared` their
+    `shared.Shared`, for the counts across studies."""
     lines = [
         "# Study report",
         "",
@@ -290,10 +442,14 @@ def summary_lines(command: str, not_run: list[str], out: str) -> list[str]:
         "seeds. Each comparison is a difference of mean test accuracies in points with its 95% Welch "
         "confidence interval and two-sided p-value; the verdict reads the interval: it excludes 0 with the "
         "expected sign (held), with the other sign or where no difference was expected (failed), or it "
-        "includes 0 (cannot be told apart at this number of seeds).",
+        'includes 0 (cannot be told apart at this number of seeds: not "the same"; the interval bounds the '
+        "difference). A comparison is confirmatory where the study named it in `planned` before its runs, "
+        "exploratory otherwise.",
         "",
     ]
     if not_run:
         names = ", ".join(f"`{name}`" for name in not_run)
         lines += [f"Not run yet (no runs.csv under `{out}`): {names}.", ""]
+    if shared is not None and context:
+        lines += _summary_counts(list(context), shared)
     return lines

@@ -10,7 +10,7 @@ import textwrap
 
 from tf_codistill import config, selection, stats
 from tf_codistill.study.analysis import StudyData, finite, target_series
-from tf_codistill.study.spec import reported_arms
+from tf_codistill.study.spec import effective, reported_arms
 
 __all__ = ["draw"]
 
@@ -25,23 +25,39 @@ def draw(data: StudyData, study_dir: str) -> None:
         _plot_curves(data, os.path.join(study_dir, "curves.png"))
 
 
-def _plot_curves(data: StudyData, path: str) -> None:
-    from tf_codistill.report import plot_runs  # loads Keras: only when a report is built
-
-    sizes = {}  # updates per epoch: differs where an arm's batch or training set does
+def curve_runs(data: StudyData) -> tuple[dict[str, list[dict]], str | None, str]:
+    """What curves.png draws: name -> each seed's history (with its "updates"),
+    the x key and the x label. Against updates where the arms' epochs differ in
+    length (a batch or training set of their own) or where an epoch is a fixed
+    number of updates rather than a pass over the data (`steps_per_epoch` set,
+    as the language models); otherwise against epochs, each the same updates."""
+    sizes = {}  # updates per epoch
     for base in reported_arms(data.study):
         ok = data.ok(data.chosen[base])
         sizes[base] = ok[0]["steps_per_epoch"] if ok else None
-    known = [size for size in sizes.values() if size is not None]
-    common = max(set(known), key=known.count) if known else None
+    known = sorted({size for size in sizes.values() if size is not None})
+    fixed = any(effective(data.study, arm, "steps_per_epoch") for arm in data.study["arms"])
     runs = {}
     for base in reported_arms(data.study):
         label = data.chosen[base]
-        name = base if sizes[base] in (common, None) else f"{base} (1 epoch = {sizes[base]:,} updates)"
-        runs[name] = [data.history(label, r["seed"]) for r in data.ok(label)]
-    kwargs = {}
-    if len(set(known)) > 1:
-        kwargs["xlabel"] = f"epoch ({common:,} updates unless the legend says otherwise)"
+        histories = []
+        for r in data.ok(label):
+            history = data.history(label, r["seed"])
+            history["updates"] = [c["updates"] for c in data.curves.get((label, r["seed"]), [])]
+            histories.append(history)
+        runs[base] = histories
+    if len(known) > 1 or fixed:
+        every = f"; evaluated every {known[0]:,} updates" if len(known) == 1 else ""
+        return runs, "updates", f"updates per model{every}"
+    size = f" ({known[0]:,} updates each)" if known else ""
+    return runs, None, f"epoch{size}"
+
+
+def _plot_curves(data: StudyData, path: str) -> None:
+    from tf_codistill.report import plot_runs  # loads Keras: only when a report is built
+
+    runs, x_key, xlabel = curve_runs(data)
+    kwargs = {"xlabel": xlabel, "x_key": x_key}
     if data.study.get("metric") == "nll":
         kwargs["metric"] = "loss"
     plot_runs(runs, path, title=data.study["title"], **kwargs)

@@ -35,6 +35,7 @@ STUDY_KEYS = (
     "metric",
     "decision",
     "walltime",
+    "planned",
 )
 ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
 SELECT = ("test_accuracy", "train_loss", *selection.SELECT)
@@ -154,6 +155,34 @@ def _check_contrasts(path: str, contrasts, labels: list[str]) -> None:
         _check_expected(path, where, item.get("expected"))
 
 
+def comparison_names(study: dict) -> list[str]:
+    """What `planned` may name: each arm compared with another (its label), then each contrast's name."""
+    names = [
+        arm["label"]
+        for arm in study["arms"]
+        if arm.get("compare_to", study.get("baseline")) not in (None, arm["label"])
+    ]
+    return names + [item["name"] for item in study["contrasts"]]
+
+
+def _check_planned(path: str, study: dict) -> None:
+    """`planned`: the comparisons declared confirmatory before the runs."""
+    planned = study.setdefault("planned", [])
+    if not isinstance(planned, list) or not all(isinstance(p, str) for p in planned):
+        raise ValueError(
+            f"{path}: `planned` must be a list of comparison names (arm labels or contrast names)."
+        )
+    names = comparison_names(study)
+    for name in planned:
+        if name not in names:
+            raise ValueError(
+                f"{path}: `planned` names {name!r}, which is no comparison of this study; it can name an "
+                f"arm compared with another (`compare_to` or `baseline`) or a contrast: {names}."
+            )
+    if len(set(planned)) != len(planned):
+        raise ValueError(f"{path}: `planned` names a comparison twice: {planned}.")
+
+
 def load_study(path: str) -> dict:
     """Reads and checks one study file. Raises ValueError naming the problem."""
     with open(path, "rb") as f:
@@ -190,6 +219,7 @@ def load_study(path: str) -> dict:
     check_settings(path, "[common]", study["common"])
     _check_arms(path, arms, labels, study.get("baseline"))
     _check_contrasts(path, study.setdefault("contrasts", []), labels)
+    _check_planned(path, study)
     target = study.get("target_accuracy")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"{path}: `target_accuracy` must be a number in (0, 1]; got {target!r}.")
