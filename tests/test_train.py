@@ -204,6 +204,14 @@ def test_mixed_bfloat16_run_learns(tmp_path, data_dir):
     assert all(g["test_accuracy"] > 0.3 for g in run["groups"]), run["groups"]  # 10 classes: chance 0.1
 
 
+def test_optimizer_lamb_is_keras_lamb():
+    config = train.TrainConfig(
+        **{**TINY, "batch_size": 1024}, mode="codistill", optimizer="lamb", base_lr=0.05
+    )
+    assert type(runner._optimizer(config, 0.01)).__name__ == "Lamb"
+
+
+@pytest.mark.slow  # about a minute; make test keeps the check above (run it: pytest -m slow tests/test_train.py)
 def test_lamb_run_learns_at_a_large_batch(tmp_path, data_dir):
     """--optimizer=lamb is Keras's Lamb, and a short run at batch 1,024 learns."""
     config = train.TrainConfig(
