@@ -58,10 +58,10 @@ efficiency = 0.5
 latency_seconds = 0.001
 rates_gbit = [1, 100]
 per_worker_batch = 32
-classes = 10
 [[walltime.models]]
 name = "tiny"
 params = 1000000
+classes = 10
 sync_seconds = 0.01
 codistill_seconds = 0.012
 """
@@ -140,11 +140,11 @@ def test_wall_time_is_updates_times_the_step_over_each_link(tmp_path):
     # sync at 128: 4 workers of 32 in one ring; at 1 Gbit/s
     ring = 2 * 3 / 4 * 1_000_000 * 4
     step = 0.01 + 2 * 3 * 0.001 + ring * 8 / (0.5 * 1e9)
-    assert math.isclose(decision.step_seconds("sync", 1, 128, 1_000_000, 0.01, 1, wall), step)
+    assert math.isclose(decision.step_seconds("sync", 1, 128, 1_000_000, 10, 0.01, 1, wall), step)
     row = next(line for line in lines if line.startswith("| 64 | sync_b128 | 4 |"))
     assert f"{225 * step:,.1f}" in row
     # codistillation: a ring of 2 in each group, plus the logits of 32 examples to the other group
-    got = decision.step_seconds("codistill", 2, 128, 1_000_000, 0.012, 100, wall)
+    got = decision.step_seconds("codistill", 2, 128, 1_000_000, 10, 0.012, 100, wall)
     sent = 2 * 1 / 2 * 1_000_000 * 4 + 32 * 10 * 4
     assert math.isclose(got, 0.012 + 3 * 0.001 + sent * 8 / (0.5 * 100e9))
 
@@ -154,6 +154,9 @@ def test_a_decision_naming_an_unknown_arm_is_refused(tmp_path):
     path.write_text(STUDY.format(walltime="").replace('alpha0 = "codistill0_2x64"', 'alpha0 = "nope"'))
     with pytest.raises(ValueError, match=r"alpha0 = 'nope' is not an arm"):
         load_study(str(path))
+    path.write_text(STUDY.format(walltime=WALLTIME.replace("per_worker_batch = 32\n", "")))
+    with pytest.raises(ValueError, match=r"\[walltime\] unknown keys \[\], missing \['per_worker_batch'\]"):
+        load_study(str(path))
     path.write_text(STUDY.format(walltime=WALLTIME.replace("classes = 10\n", "")))
-    with pytest.raises(ValueError, match=r"\[walltime\] unknown keys \[\], missing \['classes'\]"):
+    with pytest.raises(ValueError, match=r"walltime.models\]\] takes exactly"):
         load_study(str(path))

@@ -52,10 +52,9 @@ WALLTIME_KEYS = (
     "latency_seconds",
     "rates_gbit",
     "per_worker_batch",
-    "classes",
     "models",
 )
-MODEL_KEYS = ("name", "params", "sync_seconds", "codistill_seconds")
+MODEL_KEYS = ("name", "params", "classes", "sync_seconds", "codistill_seconds")
 
 
 def check(path: str, study: dict) -> None:
@@ -89,7 +88,7 @@ def check(path: str, study: dict) -> None:
     missing = sorted(set(WALLTIME_KEYS) - {"source"} - set(wall))
     if unknown or missing:
         raise ValueError(f"{path}: [walltime] unknown keys {unknown}, missing {missing}.")
-    numbers = [wall["efficiency"], wall["latency_seconds"], wall["per_worker_batch"], wall["classes"]]
+    numbers = [wall["efficiency"], wall["latency_seconds"], wall["per_worker_batch"]]
     if not all(_positive_or_zero(v) for v in numbers + list(wall["rates_gbit"])) or wall["efficiency"] == 0:
         raise ValueError(f"{path}: [walltime] numbers must be >= 0 (efficiency > 0).")
     for model in wall["models"]:
@@ -130,6 +129,7 @@ def step_seconds(
     groups: int,
     total_batch: int,
     params: int,
+    classes: int,
     compute: float,
     rate_gbit: float,
     wall: dict,
@@ -143,7 +143,7 @@ def step_seconds(
     sent = allreduce_bytes(params, in_group)
     messages = 2.0 * (in_group - 1)
     if kind == "codistill" and groups > 1:
-        sent += allgather_bytes(min(per_worker, total_batch // groups), wall["classes"], groups)
+        sent += allgather_bytes(min(per_worker, total_batch // groups), classes, groups)
         messages += groups - 1
     rate = rate_gbit * 1e9
     return compute + messages * wall["latency_seconds"] + sent * 8.0 / (wall["efficiency"] * rate)
@@ -268,7 +268,7 @@ def _walltime(data, effective, points, reached, wall) -> list[str]:
     ]
     for model in wall["models"]:
         lines += [
-            f"{model['name']} ({model['params']:,} parameters; compute per update: sync "
+            f"{model['name']} ({model['params']:,} parameters, {model['classes']:,} classes; compute per update: sync "
             f"{model['sync_seconds'] * 1e3:g} ms, codistillation {model['codistill_seconds'] * 1e3:g} ms), "
             "seconds:",
             "",
@@ -290,7 +290,9 @@ def _walltime(data, effective, points, reached, wall) -> list[str]:
                     if not got:
                         cells.append("-")
                         continue
-                    step = step_seconds(kind, groups, total, model["params"], compute, rate, wall)
+                    step = step_seconds(
+                        kind, groups, total, model["params"], model["classes"], compute, rate, wall
+                    )
                     cells.append(f"{math.fsum(got) / len(got) * step:,.1f}")
                 count = groups * workers(total // groups, per_worker)
                 lines.append(f"| {point['b']:,} | {point[role]} | {count} | " + " | ".join(cells) + " |")
