@@ -31,8 +31,8 @@ def _dataset(batches):
     return tf.data.Dataset.from_tensor_slices((xs, ys))
 
 
-def _model(islands, every, inner, outer=None, alpha=None, seed=0):
-    exchange = AveragingExchange(every, outer)
+def _model(islands, every, inner, outer=None, alpha=None, seed=0, teacher="shared"):
+    exchange = AveragingExchange(every, outer, teacher=teacher)
     model = CodistillModel(
         _members(islands, seed=seed), alpha=alpha, data_mode="independent", exchange=exchange
     )
@@ -167,10 +167,38 @@ def test_outer_state_round_trips_through_state_dict():
     _same(other.exchange.state_dict().values(), state.values())
 
 
+def test_islands_that_codistil_with_their_peers_read_the_peers_predictions_every_step():
+    """teacher="peers": the distillation term is D(the other island's
+    predictions on this island's batch, own), at every step, outer steps
+    included; the bytes add the predictions to the averaging."""
+    every, islands = 3, 2
+    model = _model(islands, every, keras.optimizers.SGD(0.2), alpha=0.5, teacher="peers")
+    for step, batch in enumerate(_island_batches(7, islands)):
+        xs, ys = tuple(b[0] for b in batch), tuple(b[1] for b in batch)
+        teachers = [model.members[1](xs[0], training=False), model.members[0](xs[1], training=False)]
+        expected = [
+            float(model.distance.compute_loss(t, model.members[i](xs[i], training=False)))
+            for i, t in enumerate(teachers)
+        ]
+        logs = model.train_on_batch(xs, ys, return_dict=True)
+        if step == 0:  # the islands start identical (group 0's weights): no term at the first step
+            assert float(logs["distill_loss"]) == pytest.approx(0.0, abs=1e-6)
+        elif step % every == 0:  # right after an outer step the islands are identical again
+            assert float(logs["distill_loss"]) == pytest.approx(0.0, abs=1e-6)
+        else:  # the mean of both members' terms against their peer's predictions (not the shared weights)
+            assert min(expected) > 1e-6
+            assert float(logs["distill_loss"]) == pytest.approx(np.mean(expected), rel=1e-4)
+    model.finish_batch_training()
+    sent = model.exchange.bytes_sent_per_step(16, 10, 1000)
+    assert sent == pytest.approx(2 * 1 / 2 * 1000 * 4 / every + 16 * 10 * 4)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
         (dict(every=0), ValueError, "every must be >= 1"),
+        (dict(every=2, teacher="nope"), ValueError, "teacher must be one of"),
+        (dict(every=2, teacher="peers", topology=object()), ValueError, "needs every island in this process"),
         (dict(every=2, outer_optimizer="sgd"), TypeError, "outer_optimizer must be a keras"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXCHANGE_KINDS",
+    "AVERAGE_TEACHERS",
     "TRANSPORTS",
     "DATA_ORDERS",
     "DATA_MODES",
@@ -30,6 +31,9 @@ EXCHANGE_KINDS = {"predictions": "shared", "weights": "independent", "average": 
 #: Horovod collectives (one process per worker), or through a shared
 #: directory of snapshots (each group a separate job; weights only).
 TRANSPORTS = ("local", "horovod", "directory")
+#: Averaging islands that codistil: toward the shared weights of the last outer step, or toward
+#: the other islands' predictions on this island's batch at every step (in one process).
+AVERAGE_TEACHERS = ("shared", "peers")
 
 #: Whether the groups read the same batches or each its own order.
 DATA_ORDERS = ("shared", "independent")

@@ -20,6 +20,7 @@ import enum
 import math
 
 from tf_codistill.choices import (
+    AVERAGE_TEACHERS,
     COLLECTIVE_IMPLEMENTATIONS,
     DATA_ORDERS,
     DISTANCES,
@@ -148,6 +149,12 @@ class TrainConfig:
     )
     outer_momentum: float = setting(
         0.9, "--exchange=average: the outer SGD's Nesterov momentum (0: none).", minimum=0, maximum=0.999
+    )
+    average_teacher: str = setting(
+        "shared",
+        "--exchange=average with --alpha > 0: distil toward the shared weights of the last outer step, or "
+        "toward the other islands' predictions at every step (peers; every island in one process).",
+        choices=AVERAGE_TEACHERS,
     )
     group: int = setting(-1, "With --exchange_dir: which group this job trains, in [0, num_groups).")
     peer_timeout: float = setting(

@@ -182,3 +182,13 @@ def check_combinations(cfg: TrainConfig, plan) -> None:
         bad(
             f"--validation_fraction={cfg.validation_fraction:g} leaves nothing to train on: give a value in [0, 1)."
         )
+    if cfg.average_teacher != "shared":
+        if plan.kind != "average" or cfg.mode == "sync":
+            bad(
+                f"--average_teacher={cfg.average_teacher} applies to --exchange=average only; leave it at shared."
+            )
+        if plan.transport != "local":
+            bad(
+                "--average_teacher=peers reads the other islands' predictions on this island's batch, which "
+                "needs every island in one process (--transport=local); across processes use shared."
+            )

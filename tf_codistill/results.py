@@ -103,6 +103,7 @@ class RunResult:
     peer_bytes_received: float | None = _optional()
     outer_lr: float | None = _optional()
     outer_momentum: float | None = _optional()
+    average_teacher: str | None = _optional()
     outer_steps: int | None = _optional()
     outer_seconds: float | None = _optional()
     # A run that kept a backup: where it resumed from (None: it started afresh).

@@ -123,6 +123,7 @@ def arm_runtime(config: TrainConfig, arm: str) -> runtime_mod.Runtime:
         on_stale=config.on_stale,
         outer_learning_rate=config.outer_lr,
         outer_momentum=config.outer_momentum,
+        average_teacher=config.average_teacher,
         collective_timeout=config.collective_timeout,
     )
 
@@ -368,6 +369,7 @@ def run_arm(config: TrainConfig, plan: ArmPlan, spec, model_fn=None):
     if exchange is not None and exchange.name == "average":
         entry.exchange_every = config.exchange_every
         entry.outer_lr, entry.outer_momentum = config.outer_lr, config.outer_momentum
+        entry.average_teacher = exchange.teacher
         entry.outer_steps, entry.outer_seconds = exchange.outer_steps, exchange.outer_seconds
     if backup is not None:
         entry.resumed_from_epoch = backup.restored_epoch

@@ -49,6 +49,7 @@ from typing import Any
 from tf_codistill import seeds
 from tf_codistill.checks import check_int, is_number
 from tf_codistill.choices import (
+    AVERAGE_TEACHERS,
     COLLECTIVE_IMPLEMENTATIONS,
     DATA_ORDERS,
     EXCHANGE_KINDS,
@@ -102,6 +103,7 @@ class Runtime:
     on_stale: str = "keep"
     outer_learning_rate: float = 0.7
     outer_momentum: float = 0.9
+    average_teacher: str = "shared"
     pair_set: Any = None
     group_set: Any = None
 
@@ -308,6 +310,7 @@ def init(
     on_stale: str = "keep",
     outer_learning_rate: float = 0.7,
     outer_momentum: float = 0.9,
+    average_teacher: str = "shared",
     collective_timeout: float = 120.0,
     collective_implementation: str = "auto",
     precision: str = "float32",
@@ -345,6 +348,10 @@ def init(
         outer_learning_rate: average: the outer SGD's learning rate (DiLoCo: 0.7).
         outer_momentum: average: the outer SGD's Nesterov momentum (DiLoCo:
             0.9; 0 for none).
+        average_teacher: average with alpha > 0: ``"shared"`` (distil toward
+            the shared weights of the last outer step) or ``"peers"`` (toward
+            the other islands' predictions every step; every island in this
+            process).
         collective_timeout: seconds any collective or rendezvous may wait.
         collective_implementation: the all-reduce inside a group of several
             workers: ``"auto"`` (NCCL on GPU workers, RING otherwise),
@@ -374,6 +381,8 @@ def init(
         raise ValueError(f"outer_learning_rate must be a finite number > 0, got {outer_learning_rate!r}.")
     if not is_number(outer_momentum) or not 0 <= outer_momentum < 1:
         raise ValueError(f"outer_momentum must be in [0, 1) (0: no momentum), got {outer_momentum!r}.")
+    if average_teacher not in AVERAGE_TEACHERS:
+        raise ValueError(f"average_teacher must be one of {AVERAGE_TEACHERS}, got {average_teacher!r}.")
     check_int("seed", seed, 0)
     if data_mode is not None and data_mode not in DATA_ORDERS:
         raise ValueError(f"data_mode must be one of {DATA_ORDERS} or None, got {data_mode!r}.")
@@ -490,6 +499,7 @@ def init(
         on_stale=on_stale,
         outer_learning_rate=float(outer_learning_rate),
         outer_momentum=float(outer_momentum),
+        average_teacher=average_teacher,
         pair_set=pair_set,
         group_set=group_set,
     )

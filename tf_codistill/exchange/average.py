@@ -23,9 +23,12 @@ Where the islands live:
 Non-trainable float weights (batch-norm statistics) are averaged plainly;
 integer ones (random-seed states) stay each island's own.
 
-With alpha > 0 the islands also codistil: each one's teacher is the model
-every peer island held at the last outer step, i.e. the shared weights (a
-frozen copy, refreshed at each outer step, so the term costs no traffic).
+With alpha > 0 the islands also codistil. With `teacher="shared"` each
+one's teacher is the model every peer island held at the last outer step,
+i.e. the shared weights (a frozen copy, refreshed at each outer step, so the
+term costs no traffic). With `teacher="peers"` (every island in this
+process) it is the other islands' current predictions on its batch at every
+step, as in codistillation; the byte accounting adds those predictions.
 With alpha = 0 (the default with this exchange: pure DiLoCo) the teacher is
 the member's own prediction and costs nothing.
 """
@@ -41,6 +44,7 @@ import tensorflow as tf
 from tf_codistill import traffic
 from tf_codistill.callbacks import ParameterAveraging
 from tf_codistill.checks import check_int
+from tf_codistill.choices import AVERAGE_TEACHERS
 from tf_codistill.exchange.base import Exchange
 
 __all__ = ["AveragingExchange", "outer_sgd"]
@@ -79,13 +83,27 @@ class AveragingExchange(Exchange):
         topology: this process's `Topology` in a Horovod job (one island per
             process group); None when every island is in this process.
         pair_set: the Horovod process set of this worker's pair.
+        teacher: with alpha > 0, ``"shared"`` (the default: the shared
+            weights of the last outer step) or ``"peers"`` (the other
+            islands' predictions on this island's batch, every step; every
+            island in this process).
     """
 
     name = "average"
     default_alpha = 0.0
 
-    def __init__(self, every: int, outer_optimizer=None, topology=None, pair_set=None):
+    def __init__(
+        self, every: int, outer_optimizer=None, topology=None, pair_set=None, teacher: str = "shared"
+    ):
         check_int("every", every)
+        if teacher not in AVERAGE_TEACHERS:
+            raise ValueError(f"teacher must be one of {AVERAGE_TEACHERS}, got {teacher!r}.")
+        if teacher == "peers" and topology is not None:
+            raise ValueError(
+                "teacher='peers' reads the other islands' predictions on this island's batch, which needs "
+                "every island in this process; across processes use teacher='shared'."
+            )
+        self.teacher = teacher
         if every < 1:
             raise ValueError(
                 f"averaging every must be >= 1 step (H, the inner steps per outer step), got {every}."
@@ -126,7 +144,7 @@ class AveragingExchange(Exchange):
         alpha = getattr(getattr(model, "alpha_schedule", None), "alpha", 1.0)
         self._distill = alpha > 0
         self._teacher = None
-        if self._distill:
+        if self._distill and self.teacher == "shared":
             self._teacher = keras.models.clone_model(model.members[0])
             self._teacher.trainable = False
         own = [self.group] if self.topology is not None else list(range(n))
@@ -179,6 +197,11 @@ class AveragingExchange(Exchange):
 
     # the train step ----------------------------------------------------------
     def peer_logits(self, members, inputs, logits, data_mode):
+        if self._distill and self.teacher == "peers":  # every island here: the others' predictions
+            return [
+                {j: members[j](inputs[i], training=False) for j in peers}
+                for i, peers in enumerate(self._peers)
+            ]
         out = []
         for i, peers in enumerate(self._peers):
             teacher = (
@@ -191,8 +214,12 @@ class AveragingExchange(Exchange):
         return [ParameterAveraging(self)]
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
-        # A ring all-reduce of the parameters (float32) over the islands every H steps.
-        return traffic.allreduce_bytes(num_params, self._islands, self.every)
+        # A ring all-reduce of the parameters (float32) over the islands every H steps,
+        # and with teacher="peers" the predictions every step (as an all-gather would send them).
+        sent = traffic.allreduce_bytes(num_params, self._islands, self.every)
+        if self._distill and self.teacher == "peers":
+            sent += traffic.allgather_bytes(batch_size, num_classes, self._islands)
+        return sent
 
     # between steps -----------------------------------------------------------
     def start(self, step: int) -> None:

@@ -48,5 +48,6 @@ def make_exchange(runtime):
             outer_sgd(runtime.outer_learning_rate, runtime.outer_momentum),
             topology=runtime.topology,
             pair_set=runtime.pair_set,
+            teacher=runtime.average_teacher,
         )
     raise ValueError(f"unknown exchange kind {runtime.exchange_kind!r}.")
