@@ -109,7 +109,7 @@ help:
 	@echo "make study  - every study in experiments/ (5 seeds, converged lengths, ~1.5-2.3 h on 2 cores) -> docs/results/REPORT.md"
 	@echo "make study-large - the large-batch study (experiments/large) -> docs/results/large/REPORT.md"
 	@echo "make study-shakespeare - the Transformer study on tiny_shakespeare (experiments/shakespeare) -> docs/results/shakespeare/REPORT.md"
-	@echo "make study-scale-out - stage 1 of the scale-out decision: sync's critical batch on fresh MNIST-1D (experiments/scale_out) -> docs/results/scale_out/"
+	@echo "make study-scale-out - the scale-out decision on fresh MNIST-1D: sync's critical batch, then add a group or double the batch (experiments/scale_out) -> docs/results/scale_out/"
 	@echo "make study-report - rebuild every REPORT.md and plot from the committed CSVs, large batch included (no training)"
 	@echo "make horovod - build (once, then cached) and install Horovod 0.28.1 with Gloo"
 	@echo "make lint   - ruff"
@@ -169,8 +169,8 @@ study-large: $(STAMP)
 study-shakespeare: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments/shakespeare --out=docs/results/shakespeare --parallel=2
 
-# Stage 1 of the scale-out decision (sync's critical batch on fresh MNIST-1D); stage 2's files
-# (experiments/scale_out/stage2/) take their batches from its result and are run by hand.
+# The scale-out decision on fresh MNIST-1D: stage 1 (sync's critical batch), then stage 2a (the
+# burn-in) and 2b (the decision), whose batches and rates are stage 1's choices; file-name order.
 study-scale-out: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments/scale_out --out=docs/results/scale_out --parallel=2
 
@@ -178,6 +178,7 @@ study-report: $(STAMP)
 	$(PY) -m tf_codistill.study --config=experiments --out=docs/results --report_only
 	$(PY) -m tf_codistill.study --config=experiments/large --out=docs/results/large --report_only
 	$(PY) -m tf_codistill.study --config=experiments/scale_out/probe --out=docs/results/scale_out/probe --report_only
+	$(PY) -m tf_codistill.study --config=experiments/scale_out --out=docs/results/scale_out --report_only
 	$(PY) -m tf_codistill.study --config=experiments/shakespeare --out=docs/results/shakespeare --report_only
 
 bazel-test: $(STAMP) horovod

@@ -1,5 +1,5 @@
 """Compute per update of one worker, for the scale-out decision's wall-time
-table (experiments/scale_out/stage2/decision.toml, `[walltime]`).
+table (experiments/scale_out/stage2b_decision.toml, `[walltime]`).
 
     python bench/step_compute.py [--model=cnn1d_norm] [--batch=64] [--steps=200] [--repeats=5]
 

@@ -139,8 +139,12 @@ def test_the_scale_out_study_files_are_valid_train_configs():
     root = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "scale_out"
     )
-    paths = [os.path.join(root, "critical_batch.toml")]
-    paths += [os.path.join(root, "stage2", name) for name in ("tune.toml", "decision.toml")]
+    paths = [os.path.join(root, name) for name in sorted(os.listdir(root)) if name.endswith(".toml")]
+    assert [os.path.basename(p) for p in paths] == [
+        "stage1_critical_batch.toml",
+        "stage2a_tune.toml",
+        "stage2b_decision.toml",
+    ]  # make study-scale-out runs them in this order
     for path in paths:
         spec = study.load_study(path)
         assert open(path).readline().startswith("# python -m tf_codistill.study")
