@@ -125,6 +125,8 @@ def _plot_updates(data: StudyData, path: str) -> None:
         if reached:
             xs, ys, es, _, _ = zip(*reached)
             left.errorbar(xs, ys, yerr=es, capsize=3, label=name, **style)
+            if key[0] == "sync":
+                _critical_batch(left, [(x, y) for x, y, _, got, seeds in reached if got == seeds], style)
             for x, y, _, got, seeds in reached:
                 if got < seeds:  # not every seed reached it
                     left.annotate(
@@ -197,3 +199,35 @@ def _plot_curves_by_batch(data: StudyData, path: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(f"{data.study['title']}: best grid point per arm", 110)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _critical_batch(ax, points, style) -> None:
+    """Over sync's updates-to-target points (every seed reached it): the fit
+    S(b) = S_min (1 + B_noise / b), dashed, and the knee (the smallest b whose
+    doubling saves less than a third of the updates), named on the plot."""
+    import numpy as np
+
+    if len(points) < 3:
+        return
+    fit = selection.fit_critical_batch(points)
+    if fit is not None:
+        s_min, b_noise = fit
+        grid = np.geomspace(min(b for b, _ in points), max(b for b, _ in points), 100)
+        ax.plot(
+            grid,
+            s_min * (1 + b_noise / grid),
+            linestyle="--",
+            linewidth=1,
+            color=style.get("color", "grey"),
+            label=f"fit S_min (1 + B_noise / b): B_noise = {b_noise:,.0f}",
+        )
+    found = selection.knee(points)
+    if found is not None:
+        ax.axvline(found, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(
+            f"knee: b = {found:,}",
+            (found, dict(points)[found]),
+            textcoords="offset points",
+            xytext=(6, 12),
+            fontsize=8,
+        )
