@@ -450,7 +450,7 @@ ARMS = {  # name: (label, train.py flags, one group per host?)
         True,
     ),
     "weights": ("codistill, stale weights every {k}", ["--mode=codistill", "--exchange=weights"], True),
-    # Parameter averaging every K steps (issue 24): DiLoCo's outer Nesterov step at its defaults
+    # Parameter averaging every K steps: DiLoCo's outer Nesterov step at its defaults
     # (outer lr 0.7, momentum 0.9) and plain averaging (local SGD: outer lr 1, no momentum).
     "diloco": ("DiLoCo, averaging every {k}", ["--mode=codistill", "--exchange=average"], True),
     "local_sgd": (
