@@ -383,6 +383,8 @@ def series(study: dict, arm: dict) -> tuple[str, str]:
     method = "sync"
     if effective(study, arm, "mode") != "sync":
         method = f"codistill, {effective(study, arm, 'num_groups')} groups"
+        if effective(study, arm, "alpha") == 0:  # independent models: a line of their own
+            method += ", alpha 0"
     return method, effective(study, arm, "optimizer")
 
 
