@@ -397,6 +397,7 @@ def _summary_counts(context: list, shared) -> list[str]:
                     confirmatory += 1
                 else:
                     exploratory += 1
+        confirmatory += decision.planned_count(study)
     lines = []
     if marked:
         lines += [
@@ -408,7 +409,8 @@ def _summary_counts(context: list, shared) -> list[str]:
             "",
         ]
     lines += [
-        f"Multiplicity: {confirmatory} confirmatory intervals (declared in a study's `planned` before its runs) "
+        f"Multiplicity: {confirmatory} confirmatory intervals (declared before the runs: a study's `planned`, "
+        "and two per point of a `[[decision]]` table) "
         f"and {exploratory} exploratory ones across these studies ({repeats} repeats of an earlier comparison of "
         "the same runs not counted). At 95% per interval about 1 in 20 exploratory intervals excludes 0 by "
         f'chance where there is no difference (here about {exploratory / 20:.1f}), so an exploratory "held" or '
