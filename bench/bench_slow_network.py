@@ -458,8 +458,34 @@ ARMS = {  # name: (label, train.py flags, one group per host?)
         ["--mode=codistill", "--exchange=average", "--outer_lr=1", "--outer_momentum=0"],
         True,
     ),
+    # Averaging islands that also codistil: averaging every K steps, and every step each island
+    # distils toward the other island's predictions on its batch (an all-gather of the logits).
+    "local_sgd_distill": (
+        "local SGD every {k} + predictions",
+        [
+            "--mode=codistill", "--exchange=average", "--outer_lr=1", "--outer_momentum=0",
+            "--alpha=1", "--average_teacher=peers",
+        ],
+        True,
+    ),
+}  # fmt: skip
+PERIODIC = ("weights", "diloco", "local_sgd", "local_sgd_distill")  # exchange every --exchange_every
+# The cost model's arm for each of this benchmark's (bench/costmodel.py).
+COSTMODEL_ARM = {
+    "sync": "sync",
+    "predictions": "predictions",
+    "weights": "weights",
+    "diloco": "average",
+    "local_sgd": "average",
+    "local_sgd_distill": "average_predictions",
 }
-PERIODIC = ("weights", "diloco", "local_sgd")  # arms that exchange every --exchange_every steps
+COSTMODEL_JSON = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "docs",
+    "results",
+    "network",
+    "costmodel.json",
+)
 
 
 def _pdeathsig():
@@ -745,7 +771,64 @@ def print_report(rows: list[dict], args, network: SlowNetwork, link: dict | None
                     f"  time to {args.target_accuracy:g} test accuracy, sync / this arm: "
                     f"{sync['seconds_to_target'] / r['seconds_to_target']:.2f}x"
                 )
+    print_costmodel_lines(rows, args)
     return verdicts
+
+
+def costmodel_lines(rows: list[dict], args, fitted: dict) -> list[dict]:
+    """Each arm's steady step time as the network sweep's fitted cost model
+    predicts it (docs/results/network/costmodel.json) beside the measured one.
+    Adds `predicted_step_ms` and `prediction_error` to each row it can price."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import costmodel  # noqa: PLC0415 - bench/ is not a package
+
+    p = fitted["params"]
+    compute = {tuple(k.split("/", 1)): v for k, v in p["compute_seconds"].items()}
+    params = costmodel.Params(compute, efficiency=p["efficiency"], latency=p["latency_seconds"])
+    out = []
+    for r in rows:
+        point = costmodel.Point(
+            args.model, COSTMODEL_ARM[r["arm"]], args.hosts, args.rate_mbit, r["params"],
+            args.classes, args.batch_size // args.hosts, every=args.exchange_every,
+            cores=os.cpu_count() or 1,
+        )  # fmt: skip
+        try:
+            predicted = params.step_seconds(point)
+        except KeyError:
+            continue
+        measured = 1.0 / r["steady_steps_per_second"] if r.get("steady_steps_per_second") else None
+        r["costmodel_arm"] = point.arm
+        r["predicted_step_ms"] = predicted * 1e3
+        r["predicted_comm_ms"] = params.comm_seconds(point) * 1e3
+        r["measured_steady_step_ms"] = None if measured is None else measured * 1e3
+        r["prediction_error"] = None if measured is None else costmodel.relative_error(predicted, measured)
+        out.append(r)
+    return out
+
+
+def print_costmodel_lines(rows: list[dict], args) -> None:
+    if not os.path.exists(COSTMODEL_JSON):
+        return
+    with open(COSTMODEL_JSON) as f:
+        fitted = json.load(f)
+    priced = costmodel_lines(rows, args, fitted)
+    if not priced:
+        print(f"cost model: no fitted compute for {args.model} in {COSTMODEL_JSON}")
+        return
+    print()
+    print(
+        f"cost model ({os.path.relpath(COSTMODEL_JSON)}: efficiency {fitted['params']['efficiency']:.3f}; "
+        "compute per arm as fitted, averaging arms at the predictions arm's compute), steady step:"
+    )
+    for r in priced:
+        label = ARMS[r["arm"]][0].format(k=args.exchange_every)
+        measured = r["measured_steady_step_ms"]
+        err = r["prediction_error"]
+        print(
+            f"  {label:40s} predicted {r['predicted_step_ms']:7.1f} ms ({r['predicted_comm_ms']:.1f} ms of it "
+            f"network), measured {'-' if measured is None else format(measured, '.1f')} ms"
+            f"{'' if err is None else f', error {err:+.0%}'}"
+        )
 
 
 # --------------------------------------------------------------------- main
@@ -766,6 +849,7 @@ def parse_args(argv):
     )
     p.add_argument("--mlp_hidden", type=int, default=1000, help=f"hidden units of {WIDE_MLP}")
     p.add_argument("--dataset", default="digits")
+    p.add_argument("--classes", type=int, default=10, help="outputs per example (the cost model's logits)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--batch_size", type=int, default=64, help="global batch (split over the workers)")
     p.add_argument("--steps", type=int, default=300, help="updates per model in every arm")

@@ -11,6 +11,9 @@ Bytes each worker sends per step (float32, N workers or groups), from
 * codistillation, all-gather of the logits:    (N - 1) x batch x classes x 4, in N - 1 messages
 * codistillation, stale weights every K steps: (N - 1) x params x 4 / K (each group's copy to each
   other group, amortised; for N = 2 that is params x 4 / K), in (N - 1) / K messages
+* parameter averaging every H steps (local SGD, DiLoCo): the ring all-reduce of the parameter
+  deltas, 2 (N - 1) / N x params x 4 / H, in 2 (N - 1) / H messages; averaging islands that also
+  codistil every step (`average_predictions`) add the logits' all-gather
 
 `compute` is per (model, arm): the weights arm adds a forward pass of the
 peer copy, the prediction arm a distillation loss. `oversubscription` is
@@ -37,7 +40,13 @@ import numpy as np
 
 from tf_codistill.traffic import allgather_bytes, allreduce_bytes, stale_weights_bytes
 
-ARMS = ("sync", "predictions", "weights")
+ARMS = ("sync", "predictions", "weights")  # the arms the network sweep measures and fits
+# Arms the sweep does not fit. Their compute is taken as that of the fitted arm named here: an
+# averaging island's step is one forward and backward pass on the worker's batch, as a
+# predictions-exchange member's is (which adds a distillation loss, so this slightly over-counts
+# plain averaging). `bench/bench_slow_network.py` prints the prediction beside the measurement.
+COMPUTE_AS = {"average": "predictions", "average_predictions": "predictions"}
+ALL_ARMS = ARMS + tuple(COMPUTE_AS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Point:
     params: int
     classes: int
     batch: int  # per worker
-    every: int = 50  # stale-weights refresh period
+    every: int = 50  # stale-weights refresh period, or averaging period H
     threads: int = 1
     cores: int = 0  # 0: no oversubscription (a real cluster)
 
@@ -64,7 +73,14 @@ class Point:
             return allgather_bytes(self.batch, self.classes, n), float(n - 1)
         if self.arm == "weights":
             return stale_weights_bytes(self.params, n, self.every), (n - 1) / max(self.every, 1)
-        raise ValueError(f"unknown arm {self.arm!r}; choose from {ARMS}")
+        if self.arm in ("average", "average_predictions"):
+            sent = allreduce_bytes(self.params, n, max(self.every, 1))
+            messages = 2.0 * (n - 1) / max(self.every, 1)
+            if self.arm == "average_predictions":
+                sent += allgather_bytes(self.batch, self.classes, n)
+                messages += n - 1
+            return sent, messages
+        raise ValueError(f"unknown arm {self.arm!r}; choose from {ALL_ARMS}")
 
     def oversubscription(self) -> float:
         if self.cores <= 0:
@@ -86,6 +102,8 @@ class Params:
 
     def step_seconds(self, p: Point) -> float:
         key = (p.model, p.arm)
+        if key not in self.compute and p.arm in COMPUTE_AS:
+            key = (p.model, COMPUTE_AS[p.arm])
         if key not in self.compute:
             raise KeyError(f"no compute time fitted for model {p.model!r}, arm {p.arm!r}")
         return self.compute[key] * p.oversubscription() + self.comm_seconds(p)

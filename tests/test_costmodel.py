@@ -40,6 +40,24 @@ def test_traffic_matches_train_py_accounting():
         Point("m", "bogus", 2, 100, 1, 1, 1).traffic()
 
 
+def test_averaging_arms_traffic_and_compute():
+    """Averaging every H: the sync all-reduce's bytes and messages / H; with the distillation term
+    between the islands, the logits' all-gather on top (what AveragingExchange accounts)."""
+    sent, messages = Point("mlp_wide", "average", 2, 100, 1_076_010, 10, 32, every=50).traffic()
+    assert sent == pytest.approx(4_304_040 / 50)
+    assert messages == pytest.approx(2 / 50)
+    sent, messages = Point("mlp_wide", "average_predictions", 4, 100, 1_000, 10, 32, every=10).traffic()
+    assert sent == pytest.approx(traffic.allreduce_bytes(1_000, 4, 10) + traffic.allgather_bytes(32, 10, 4))
+    assert messages == pytest.approx(6 / 10 + 3)
+    # Unfitted arms take the compute named in COMPUTE_AS; a fitted value of their own wins.
+    params = Params(compute={("m", "predictions"): 0.01}, efficiency=1.0)
+    p = Point("m", "average", 2, 100, 1_000_000, 10, 32, every=100)
+    assert params.step_seconds(p) == pytest.approx(0.01 + 40_000 * 8 / 100e6)
+    params.compute[("m", "average")] = 0.02
+    assert params.step_seconds(p) == pytest.approx(0.02 + 40_000 * 8 / 100e6)
+    assert set(costmodel.ALL_ARMS) == set(costmodel.ARMS) | set(costmodel.COMPUTE_AS)
+
+
 def test_step_time_and_oversubscription():
     params = Params(compute={("m", "sync"): 0.05}, efficiency=0.5, latency=0.001)
     p = Point("m", "sync", 2, 100, 1_000_000, 10, 32)

@@ -211,6 +211,7 @@ def test_grid_expands_and_bad_keys_are_clear_errors(tmp_path):
         'name = "x"\nseeds = [0]\nbasline = "a"\n[[arms]]\nlabel = "a"\nmode = "sync"\n': "unknown top-level",
         'name = "x"\nseeds = [0]\n[[arms]]\nlabel = "a"\n[arms.grid]\nbase_lr = []\n': "non-empty list",
         'name = "x"\nseeds = [0]\n[[arms]]\nlabel = "a"\n[arms.grid]\nsteps = [-1]\n': "steps",
+        'name = "x"\nseeds = [0]\nplot_bytes = "yes"\n[[arms]]\nlabel = "a"\nmode = "sync"\n': "`plot_bytes`",
     }
     for text, message in cases.items():
         path = tmp_path / "bad.toml"

@@ -34,7 +34,10 @@ flags to lists of values; the arm runs every combination (labels
 `<label>-<flag><value>...`) and is reported at its best one. `planned`
 (a list of arm labels and contrast names): the comparisons declared before
 the runs, confirmatory; the report marks every other comparison exploratory
-(arm label: that arm against its `compare_to` or `baseline`).
+(arm label: that arm against its `compare_to` or `baseline`). `plot_bytes =
+true`: a second plot, `curves_bytes.png`, draws each arm's curve against the
+bytes one worker has sent (updates x its bytes per step, log scale), for
+studies that compare ways to communicate less.
 
 Every (arm, seed) is one `python -m tf_codistill.train` process writing to
 `<out>/<study>/<arm>/seed<k>`; a run whose `results.json` exists is not run

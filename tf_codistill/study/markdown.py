@@ -242,6 +242,7 @@ def _nll_lines(study: dict, data: StudyData, image_dir: str) -> list[str]:
         finding = _finding(study, items, 1, 4).replace("Finding", f"Finding ({what})", 1)
         lines += ["", finding, "", _multiplicity(items), ""]
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
+    lines += _bytes_image(study, image_dir)
     for base in reported_arms(study):
         runs = [r for r in data.ok(data.chosen[base]) if r.get("sample")]
         if runs:
@@ -369,6 +370,7 @@ def study_lines(study: dict, data: StudyData, image_dir: str, config_shown: str)
     lines += _grid_lines(study, data)
     lines += decision.report_lines(data, lambda label, key: effective(study, data.by_label[label], key))
     lines += [f"![{study['name']}]({image_dir}curves.png)", ""]
+    lines += _bytes_image(study, image_dir)
     if study.get("target_accuracy") is not None:
         lines += [f"![{study['name']}: updates to target]({image_dir}updates_to_target.png)", ""]
     return lines
@@ -455,3 +457,10 @@ def summary_lines(command: str, not_run: list[str], out: str, context=(), shared
     if shared is not None and context:
         lines += _summary_counts(list(context), shared)
     return lines
+
+
+def _bytes_image(study: dict, image_dir: str) -> list[str]:
+    """The plot against bytes sent, for a study that asks for it (`plot_bytes`)."""
+    if not study.get("plot_bytes"):
+        return []
+    return [f"![{study['name']}: against bytes sent]({image_dir}curves_bytes.png)", ""]

@@ -23,6 +23,8 @@ def draw(data: StudyData, study_dir: str) -> None:
         _plot_updates(data, os.path.join(study_dir, "updates_to_target.png"))
     else:
         _plot_curves(data, os.path.join(study_dir, "curves.png"))
+    if data.study.get("plot_bytes"):
+        _plot_bytes(data, os.path.join(study_dir, "curves_bytes.png"))
 
 
 def curve_runs(data: StudyData) -> tuple[dict[str, list[dict]], str | None, str]:
@@ -61,6 +63,51 @@ def _plot_curves(data: StudyData, path: str) -> None:
     if data.study.get("metric") == "nll":
         kwargs["metric"] = "loss"
     plot_runs(runs, path, title=data.study["title"], **kwargs)
+
+
+def _plot_bytes(data: StudyData, path: str) -> None:
+    """The evaluation metric of each arm (mean over seeds) against the bytes
+    one worker has sent by then: updates x the arm's bytes per step (for sync,
+    its ring all-reduce). Log x: the arms differ by orders of magnitude."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tf_codistill.report import curve_band
+
+    nll = data.study.get("metric") == "nll"
+    key = "val_loss" if nll else "val_accuracy"
+    runs, _, _ = curve_runs(data)
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    for index, (base, histories) in enumerate(runs.items()):
+        ok = data.ok(data.chosen[base])
+        per_step = ok[0]["bytes_equivalent_per_step"] if ok else None
+        curves = [h[key] for h in histories if h.get(key)]
+        if not curves or not per_step:
+            continue
+        mean, _ = curve_band(curves)
+        updates = np.asarray(next(h["updates"] for h in histories if h.get(key))[: len(mean)], dtype=float)
+        scale = 1.0 if nll else 100.0
+        ax.plot(updates * float(per_step) / 1e6, np.asarray(mean) * scale, marker=".", color=f"C{index % 10}",
+                label=f"{base} ({float(per_step):,.0f} B/step)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per worker (updates x bytes per step)")
+    ax.set_ylabel(
+        "validation NLL (nats), mean over seeds"
+        if nll
+        else "accuracy % (per-epoch evaluation), mean over seeds"
+    )
+    if not nll:
+        finals = [line.get_ydata()[-1] for line in ax.get_lines()]
+        if finals:
+            ax.set_ylim(max(min(finals) - 3.0, 0.0), min(max(finals) + 0.7, 100.0))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(data.study["title"] + ": against bytes sent", 90)), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _series_name(series: tuple[str, str]) -> str:

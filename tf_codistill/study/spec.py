@@ -36,6 +36,7 @@ STUDY_KEYS = (
     "decision",
     "walltime",
     "planned",
+    "plot_bytes",
 )
 ARM_KEYS = ("label", "compare_to", "expected", "grid")  # study keys in [[arms]], not train.py flags
 SELECT = ("test_accuracy", "train_loss", *selection.SELECT)
@@ -223,6 +224,8 @@ def load_study(path: str) -> dict:
     target = study.get("target_accuracy")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"{path}: `target_accuracy` must be a number in (0, 1]; got {target!r}.")
+    if not isinstance(study.setdefault("plot_bytes", False), bool):
+        raise ValueError(f"{path}: `plot_bytes` must be true or false; got {study['plot_bytes']!r}.")
     study.setdefault("metric", "accuracy")
     if study["metric"] not in METRICS:
         raise ValueError(f"{path}: `metric` must be one of {list(METRICS)}; got {study['metric']!r}.")
