@@ -479,6 +479,7 @@ COSTMODEL_ARM = {
     "local_sgd": "average",
     "local_sgd_distill": "average_predictions",
 }
+INPUT_VALUES = {"digits": 64, "mnist1d": 40}  # values per example (8 x 8 images; 40-sample signals)
 COSTMODEL_JSON = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "docs",
@@ -790,7 +791,7 @@ def costmodel_lines(rows: list[dict], args, fitted: dict) -> list[dict]:
         point = costmodel.Point(
             args.model, COSTMODEL_ARM[r["arm"]], args.hosts, args.rate_mbit, r["params"],
             args.classes, args.batch_size // args.hosts, every=args.exchange_every,
-            cores=os.cpu_count() or 1,
+            inputs=INPUT_VALUES.get(args.dataset.split("/")[0], 0), cores=os.cpu_count() or 1,
         )  # fmt: skip
         try:
             predicted = params.step_seconds(point)

@@ -13,7 +13,9 @@ Bytes each worker sends per step (float32, N workers or groups), from
   other group, amortised; for N = 2 that is params x 4 / K), in (N - 1) / K messages
 * parameter averaging every H steps (local SGD, DiLoCo): the ring all-reduce of the parameter
   deltas, 2 (N - 1) / N x params x 4 / H, in 2 (N - 1) / H messages; averaging islands that also
-  codistil every step (`average_predictions`) add the logits' all-gather
+  codistil every step (`average_predictions`) add, every step, their batch's inputs to the other
+  islands (an all-gather) and those islands' logits on them back (an all-to-all): (N - 1) x batch
+  x (input values + classes) x 4, in 2 (N - 1) messages
 
 `compute` is per (model, arm): the weights arm adds a forward pass of the
 peer copy, the prediction arm a distillation loss. `oversubscription` is
@@ -61,6 +63,7 @@ class Point:
     classes: int
     batch: int  # per worker
     every: int = 50  # stale-weights refresh period, or averaging period H
+    inputs: int = 0  # values per example of the model's inputs (average_predictions sends them)
     threads: int = 1
     cores: int = 0  # 0: no oversubscription (a real cluster)
 
@@ -77,8 +80,8 @@ class Point:
             sent = allreduce_bytes(self.params, n, max(self.every, 1))
             messages = 2.0 * (n - 1) / max(self.every, 1)
             if self.arm == "average_predictions":
-                sent += allgather_bytes(self.batch, self.classes, n)
-                messages += n - 1
+                sent += allgather_bytes(self.batch, self.inputs + self.classes, n)
+                messages += 2.0 * (n - 1)
             return sent, messages
         raise ValueError(f"unknown arm {self.arm!r}; choose from {ALL_ARMS}")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO, horovodrun, python_env, worker_env
-from test_model import _batch, _clone, _members, _weights
+from test_model import INPUT, _batch, _clone, _members, _weights
 from test_resume import CODISTILL, STEPS, _kill_and_resume
 
 from tf_codistill import CodistillModel
@@ -189,8 +189,9 @@ def test_islands_that_codistil_with_their_peers_read_the_peers_predictions_every
             assert min(expected) > 1e-6
             assert float(logs["distill_loss"]) == pytest.approx(np.mean(expected), rel=1e-4)
     model.finish_batch_training()
+    # The across-process protocol's bytes: the batch's inputs out, the peer's predictions back.
     sent = model.exchange.bytes_sent_per_step(16, 10, 1000)
-    assert sent == pytest.approx(2 * 1 / 2 * 1000 * 4 / every + 16 * 10 * 4)
+    assert sent == pytest.approx(2 * 1 / 2 * 1000 * 4 / every + 16 * (int(np.prod(INPUT)) + 10) * 4)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +199,6 @@ def test_islands_that_codistil_with_their_peers_read_the_peers_predictions_every
     [
         (dict(every=0), ValueError, "every must be >= 1"),
         (dict(every=2, teacher="nope"), ValueError, "teacher must be one of"),
-        (dict(every=2, teacher="peers", topology=object()), ValueError, "needs every island in this process"),
         (dict(every=2, outer_optimizer="sgd"), TypeError, "outer_optimizer must be a keras"),
     ],
 )
@@ -223,13 +223,19 @@ def _steps(path):
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_average_like_one_process(tmp_path, data_dir, mnist1d_spec, horovod_installed):
+@pytest.mark.parametrize("teacher", ["none", "peers"])
+def test_two_processes_average_like_one_process(tmp_path, data_dir, mnist1d_spec, horovod_installed, teacher):
     """A 2-process Horovod job (one island per process) follows the
     one-process run step by step, and its islands end identical (the run
-    ends on an outer step)."""
+    ends on an outer step). With --average_teacher=peers the islands also
+    distil toward each other's predictions on their own batches every step:
+    in one process the other island's model runs on the batch, across
+    processes the inputs travel out and the predictions back."""
     steps = 40
     common = ["--dataset=mnist1d", "--model=cnn1d", "--batch_size=64", f"--steps={steps}", "--verbose=0"]
     common += ["--warmup_epochs=0.2", "--collective_timeout=60", f"--data_dir={data_dir}", *AVERAGE]
+    if teacher == "peers":
+        common += ["--alpha=0.5", "--average_teacher=peers"]
     local = subprocess.run(
         [sys.executable, "train.py", *common, f"--workdir={tmp_path / 'local'}"],
         cwd=REPO,
@@ -249,17 +255,26 @@ def test_two_processes_average_like_one_process(tmp_path, data_dir, mnist1d_spec
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     run = json.loads((tmp_path / "hvd" / "results.json").read_text())["runs"][0]
-    assert run["exchange"] == "average" and run["world_size"] == 2 and run["alpha"] == 0.0
+    assert run["exchange"] == "average" and run["world_size"] == 2
+    assert run["alpha"] == (0.5 if teacher == "peers" else 0.0)
     assert run["outer_steps"] == steps // 10
     assert len({r["weights_checksum"] for r in run["ranks"]}) == 1, run["ranks"]
-    # A ring all-reduce of the parameters between 2 islands every 10 steps.
-    assert run["bytes_cross_group_per_step"] == pytest.approx(run["params_per_model"] * 4 / 10)
+    # A ring all-reduce of the parameters between 2 islands every 10 steps; with peers, every step
+    # 32 examples' inputs (40 values each) out and the peer's 10 logits on them back.
+    peers = 32 * (40 + 10) * 4 if teacher == "peers" else 0
+    assert run["bytes_cross_group_per_step"] == pytest.approx(run["params_per_model"] * 4 / 10 + peers)
+    local_run = json.loads((tmp_path / "local" / "results.json").read_text())["runs"][0]
+    assert local_run["bytes_equivalent_per_step"] == pytest.approx(run["bytes_cross_group_per_step"])
     one = _steps(tmp_path / "local" / "codistill" / "steps.jsonl")
     ranks = [_steps(tmp_path / "hvd" / "codistill" / f"steps.rank{r}.jsonl") for r in (0, 1)]
     for k in range(steps):
         for g in (0, 1):
             assert ranks[g][k]["task_loss"] == pytest.approx(one[k][f"g{g}_task_loss"], abs=1e-5)
-    local_run = json.loads((tmp_path / "local" / "results.json").read_text())["runs"][0]
+        if teacher == "peers":  # the islands' mean term (one process logs the mean over members)
+            mean = (ranks[0][k]["distill_loss"] + ranks[1][k]["distill_loss"]) / 2
+            assert mean == pytest.approx(one[k]["distill_loss"], abs=1e-5)
+    if teacher == "peers":  # the term is there between outer steps (the islands differ)
+        assert max(ranks[0][k]["distill_loss"] for k in range(steps)) > 1e-4
     for a, b in zip(local_run["groups"], run["groups"], strict=True):
         assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-3)
         assert a["test_loss"] == pytest.approx(local_run["groups"][0]["test_loss"])  # identical islands

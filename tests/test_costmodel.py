@@ -42,13 +42,14 @@ def test_traffic_matches_train_py_accounting():
 
 def test_averaging_arms_traffic_and_compute():
     """Averaging every H: the sync all-reduce's bytes and messages / H; with the distillation term
-    between the islands, the logits' all-gather on top (what AveragingExchange accounts)."""
+    between the islands, every step the batch's inputs out and the peers' logits back (what
+    AveragingExchange accounts)."""
     sent, messages = Point("mlp_wide", "average", 2, 100, 1_076_010, 10, 32, every=50).traffic()
     assert sent == pytest.approx(4_304_040 / 50)
     assert messages == pytest.approx(2 / 50)
-    sent, messages = Point("mlp_wide", "average_predictions", 4, 100, 1_000, 10, 32, every=10).traffic()
-    assert sent == pytest.approx(traffic.allreduce_bytes(1_000, 4, 10) + traffic.allgather_bytes(32, 10, 4))
-    assert messages == pytest.approx(6 / 10 + 3)
+    sent, messages = Point("m", "average_predictions", 4, 100, 1_000, 10, 32, every=10, inputs=64).traffic()
+    assert sent == pytest.approx(traffic.allreduce_bytes(1_000, 4, 10) + 3 * 32 * (64 + 10) * 4)
+    assert messages == pytest.approx(6 / 10 + 6)
     # Unfitted arms take the compute named in COMPUTE_AS; a fitted value of their own wins.
     params = Params(compute={("m", "predictions"): 0.01}, efficiency=1.0)
     p = Point("m", "average", 2, 100, 1_000_000, 10, 32, every=100)

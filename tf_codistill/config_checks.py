@@ -187,8 +187,3 @@ def check_combinations(cfg: TrainConfig, plan) -> None:
             bad(
                 f"--average_teacher={cfg.average_teacher} applies to --exchange=average only; leave it at shared."
             )
-        if plan.transport != "local":
-            bad(
-                "--average_teacher=peers reads the other islands' predictions on this island's batch, which "
-                "needs every island in one process (--transport=local); across processes use shared."
-            )

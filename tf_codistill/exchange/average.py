@@ -26,9 +26,14 @@ integer ones (random-seed states) stay each island's own.
 With alpha > 0 the islands also codistil. With `teacher="shared"` each
 one's teacher is the model every peer island held at the last outer step,
 i.e. the shared weights (a frozen copy, refreshed at each outer step, so the
-term costs no traffic). With `teacher="peers"` (every island in this
-process) it is the other islands' current predictions on its batch at every
-step, as in codistillation; the byte accounting adds those predictions.
+term costs no traffic). With `teacher="peers"` it is the other islands'
+current predictions on its own batch at every step, as in codistillation.
+The islands read different batches, so across processes each worker sends
+its batch's inputs to its pair (an all-gather), runs its own model on the
+others' inputs, and sends those predictions back to their owners (an
+all-to-all): per step (G - 1) x batch x (input values + classes) floats.
+In one process the others' models run on the island's batch directly; the
+byte accounting is the same in both.
 With alpha = 0 (the default with this exchange: pure DiLoCo) the teacher is
 the member's own prediction and costs nothing.
 """
@@ -85,8 +90,7 @@ class AveragingExchange(Exchange):
         pair_set: the Horovod process set of this worker's pair.
         teacher: with alpha > 0, ``"shared"`` (the default: the shared
             weights of the last outer step) or ``"peers"`` (the other
-            islands' predictions on this island's batch, every step; every
-            island in this process).
+            islands' predictions on this island's batch, every step).
     """
 
     name = "average"
@@ -98,12 +102,8 @@ class AveragingExchange(Exchange):
         check_int("every", every)
         if teacher not in AVERAGE_TEACHERS:
             raise ValueError(f"teacher must be one of {AVERAGE_TEACHERS}, got {teacher!r}.")
-        if teacher == "peers" and topology is not None:
-            raise ValueError(
-                "teacher='peers' reads the other islands' predictions on this island's batch, which needs "
-                "every island in this process; across processes use teacher='shared'."
-            )
         self.teacher = teacher
+        self._input_values = 0  # values per example of the inputs, known at the first step
         if every < 1:
             raise ValueError(
                 f"averaging every must be >= 1 step (H, the inner steps per outer step), got {every}."
@@ -197,8 +197,13 @@ class AveragingExchange(Exchange):
 
     # the train step ----------------------------------------------------------
     def peer_logits(self, members, inputs, logits, data_mode):
-        if self._distill and self.teacher == "peers":  # every island here: the others' predictions
-            return [
+        if self._distill and self.teacher == "peers":
+            self._input_values = sum(
+                int(np.prod(t.shape[1:])) for t in tf.nest.flatten(inputs[0]) if t.shape.rank
+            )
+            if self.topology is not None:
+                return [self._peer_logits_across(members[0], inputs[0])]
+            return [  # every island here: the others' predictions on each island's batch
                 {j: members[j](inputs[i], training=False) for j in peers}
                 for i, peers in enumerate(self._peers)
             ]
@@ -210,15 +215,39 @@ class AveragingExchange(Exchange):
             out.append({g: teacher for g in peers})
         return out
 
+    def _peer_logits_across(self, member, inputs) -> dict:
+        """The other islands' predictions on this worker's batch, one island
+        per process: all-gather the inputs over the pair, predict on every
+        island's batch with this island's model, and all-to-all the
+        predictions back (block g of what arrives is island g's)."""
+        import horovod.tensorflow as hvd
+
+        from tf_codistill.exchange.horovod import on_host
+
+        if self._islands == 1:
+            return {}
+        flat = tf.nest.flatten(inputs)
+        everyone = [
+            tf.identity(on_host(hvd.allgather, t, name=f"codistill_average_inputs_{k}", process_set=self.pair_set))
+            for k, t in enumerate(flat)
+        ]  # fmt: skip
+        theirs = tf.stop_gradient(member(tf.nest.pack_sequence_as(inputs, everyone), training=False))
+        # splits=None: the first axis in equal blocks, one per island, and a tensor back (no splits).
+        back = on_host(hvd.alltoall, theirs, name="codistill_average_peer_logits", process_set=self.pair_set)
+        back = tf.identity(back)
+        per_island = tf.reshape(back, tf.concat([[self._islands, -1], tf.shape(back)[1:]], 0))
+        return {g: per_island[g] for g in self._peers[0]}
+
     def callbacks(self) -> list:
         return [ParameterAveraging(self)]
 
     def bytes_sent_per_step(self, batch_size: int, num_classes: int, num_params: int) -> float:
-        # A ring all-reduce of the parameters (float32) over the islands every H steps,
-        # and with teacher="peers" the predictions every step (as an all-gather would send them).
+        # A ring all-reduce of the parameters (float32) over the islands every H steps, and with
+        # teacher="peers" every step this island's inputs out and the others' predictions on them
+        # back (in one process too: the accounting is the across-process protocol's).
         sent = traffic.allreduce_bytes(num_params, self._islands, self.every)
         if self._distill and self.teacher == "peers":
-            sent += traffic.allgather_bytes(batch_size, num_classes, self._islands)
+            sent += traffic.allgather_bytes(batch_size, self._input_values + num_classes, self._islands)
         return sent
 
     # between steps -----------------------------------------------------------
