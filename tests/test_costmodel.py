@@ -1,5 +1,6 @@
 """The cost model's arithmetic (bench/costmodel.py): pure Python, fast."""
 
+import json
 import os
 import sys
 
@@ -141,3 +142,28 @@ def test_projection_arithmetic():
     (two,) = costmodel.projection(25_600_000, 1000, 32, 16, [10.0], 0.1, 1.0, 0.0, groups_of=8)
     inside = 2 * 7 / 8 * 25_600_000 * 4 * 8 / 10e9
     assert two["predictions_step_seconds"] == pytest.approx(0.1 + inside + 1 * 32 * 1000 * 4 * 8 / 10e9)
+
+
+def test_time_to_target_projection_reproduces_the_measured_link(capsys):
+    """bench/time_to_target.py on the committed 100 Mbit/s run: at the run's own rate each arm's
+    projection (measured start-up + updates x the model's step) is within the step model's error of
+    the measured time to target; slower links never make an arm faster; the printout names a winner."""
+    import time_to_target  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_json = os.path.join(root, "docs", "results", "network", "low_communication_100mbit.json")
+    with open(run_json) as f:
+        run = json.load(f)
+    rows = time_to_target.project(
+        run, time_to_target.load_params(time_to_target.COSTMODEL_JSON), [10, 100, 1000], 2
+    )
+    assert {r["arm"] for r in rows} == {a["arm"] for a in run["arms"] if a.get("steps_to_target")}
+    for r in rows:
+        measured = r["measured_seconds_to_target"]
+        assert abs(r["projected_seconds"][100] - measured) / measured < 0.25, r
+        assert r["projected_seconds"][10] >= r["projected_seconds"][100] >= r["projected_seconds"][1000]
+    assert time_to_target.main([run_json, "--rates_mbit=10,1000"]) == 0
+    out = capsys.readouterr().out
+    assert "10 Mbit/s: codistill, predictions every step" in out
+    with pytest.raises(SystemExit):
+        time_to_target.main([run_json, "--rates_mbit=fast"])
