@@ -124,6 +124,23 @@ def test_report_only_draws_the_plots(tmp_path):
     assert (tree / "results" / "grid" / "updates_to_target.png").stat().st_size > 10_000
 
 
+def test_report_only_draws_accuracy_against_bytes(tmp_path):
+    """plot_bytes = true: the committed low-communication study's CSVs give curves_bytes.png, whose
+    x axis is bytes sent (every arm's curve at its own bytes per step), and the report shows it."""
+    tree = tmp_path / "tree"
+    (tree / "experiments").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "experiments", "low_communication.toml"), tree / "experiments")
+    committed = os.path.join(REPO, "docs", "results", "low_communication")
+    (tree / "results" / "low_communication").mkdir(parents=True)
+    for name in ("runs.csv", "curves.csv"):
+        shutil.copy(os.path.join(committed, name), tree / "results" / "low_communication")
+    proc = _study("experiments/low_communication.toml", "results", "--report_only", cwd=tree)
+    assert proc.returncode == 0, proc.stderr
+    png = tree / "results" / "low_communication" / "curves_bytes.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "(curves_bytes.png)" in (tree / "results" / "low_communication" / "REPORT.md").read_text()
+
+
 def test_fixture_report_numbers_by_hand():
     """The comparison line of the fixture equals Welch's interval computed here
     from runs.csv, and the grid picks the point with the best mean."""
