@@ -170,6 +170,9 @@ def curve_band(curves):
     return data.mean(0), se
 
 
+EXTRA_COLOURS = ("black", "navy", "darkgoldenrod", "maroon", "teal", "indigo", "olive", "salmon")
+
+
 def plot_runs(
     runs: dict[str, list[dict]],
     path: str,
@@ -213,8 +216,9 @@ def plot_runs(
     ax_acc, ax_loss = axes[0], axes[-1]
     ax_zoom = axes[1] if zoom else None
     zoom_spans = []  # (final mean, lowest, highest) of each accuracy line in the zoomed range
-    for label, histories in runs.items():
-        color = None
+    for index, (label, histories) in enumerate(runs.items()):
+        # The default cycle's ten colours, then eight darker ones (past ten arms the cycle repeats).
+        color = f"C{index}" if index < 10 else EXTRA_COLOURS[(index - 10) % len(EXTRA_COLOURS)]
         for key, ax, style in (
             (f"val_{metric}", ax_acc, "-"),
             (f"val_ensemble_{metric}", ax_acc, "--"),
