@@ -80,7 +80,7 @@ def _plot_bytes(data: StudyData, path: str) -> None:
     nll = data.study.get("metric") == "nll"
     key = "val_loss" if nll else "val_accuracy"
     runs, _, _ = curve_runs(data)
-    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(11, 5), layout="constrained")
     for index, (base, histories) in enumerate(runs.items()):
         ok = data.ok(data.chosen[base])
         per_step = ok[0]["bytes_equivalent_per_step"] if ok else None
@@ -105,7 +105,7 @@ def _plot_bytes(data: StudyData, path: str) -> None:
         if finals:
             ax.set_ylim(max(min(finals) - 3.0, 0.0), min(max(finals) + 0.7, 100.0))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no curve hidden under it
     ax.set_title("\n".join(textwrap.wrap(data.study["title"] + ": against bytes sent", 90)), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
