@@ -173,6 +173,12 @@ def curve_band(curves):
 EXTRA_COLOURS = ("black", "navy", "darkgoldenrod", "maroon", "teal", "indigo", "olive", "salmon")
 
 
+def arm_colour(index: int) -> str:
+    """The colour of the index-th arm of a plot: the default cycle's ten, then
+    eight darker ones (past ten arms the cycle would repeat)."""
+    return f"C{index}" if index < 10 else EXTRA_COLOURS[(index - 10) % len(EXTRA_COLOURS)]
+
+
 def plot_runs(
     runs: dict[str, list[dict]],
     path: str,
@@ -217,8 +223,7 @@ def plot_runs(
     ax_zoom = axes[1] if zoom else None
     zoom_spans = []  # (final mean, lowest, highest) of each accuracy line in the zoomed range
     for index, (label, histories) in enumerate(runs.items()):
-        # The default cycle's ten colours, then eight darker ones (past ten arms the cycle repeats).
-        color = f"C{index}" if index < 10 else EXTRA_COLOURS[(index - 10) % len(EXTRA_COLOURS)]
+        color = arm_colour(index)
         for key, ax, style in (
             (f"val_{metric}", ax_acc, "-"),
             (f"val_ensemble_{metric}", ax_acc, "--"),

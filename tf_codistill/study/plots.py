@@ -75,7 +75,7 @@ def _plot_bytes(data: StudyData, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tf_codistill.report import curve_band
+    from tf_codistill.report import arm_colour, curve_band
 
     nll = data.study.get("metric") == "nll"
     key = "val_loss" if nll else "val_accuracy"
@@ -90,8 +90,7 @@ def _plot_bytes(data: StudyData, path: str) -> None:
         mean, _ = curve_band(curves)
         updates = np.asarray(next(h["updates"] for h in histories if h.get(key))[: len(mean)], dtype=float)
         scale = 1.0 if nll else 100.0
-        ax.plot(updates * float(per_step) / 1e6, np.asarray(mean) * scale, marker=".", color=f"C{index % 10}",
-                linestyle=("-", "--", ":")[index // 10 % 3],  # past ten arms the colours repeat
+        ax.plot(updates * float(per_step) / 1e6, np.asarray(mean) * scale, marker=".", color=arm_colour(index),
                 label=f"{base} ({float(per_step):,.0f} B/step)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per worker (updates x bytes per step)")
