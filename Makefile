@@ -138,9 +138,12 @@ demo: $(STAMP)
 horovod: $(STAMP)
 	tools/build_horovod.sh $(PY)
 
+# Two pytest-xdist workers, one test file each at a time (--dist loadfile keeps a file's tests, and any
+# state they share, in one worker): on 2 cores the suite took 24.6 min serially and 18.8 min this way.
+TEST_WORKERS ?= 2
 test: $(STAMP) horovod
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests -m "not slow" --durations=20
+	$(PY) -m pytest -q tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Kill, stop, fill the disk, corrupt checkpoints (tests/faults/EXPECTED.md); mounting a tmpfs needs root.
 faults: $(STAMP) horovod
