@@ -440,9 +440,13 @@ def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fau
     try:
         _wait_until_exchanging(g0, g1, tmp_path)
         g1.proc.send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        stopped_at, stopped_wall = time.monotonic(), time.time()
         stopped = True
-        stale = g0.wait_for_line(STALE, 60) - stopped_at
+        # The timeout runs from group 1's last snapshot, which may predate the stop.
+        newest = max(p.stat().st_mtime for p in (tmp_path / "exchange" / "group1").glob("step*.npz"))
+        warned_at = g0.wait_for_line(STALE, 60)
+        stale = warned_at - stopped_at
+        since_snapshot = warned_at - (stopped_at - (stopped_wall - newest))
         g1.proc.send_signal(signal.SIGCONT)
         continued_at = time.monotonic()
         stopped = False
@@ -464,7 +468,7 @@ def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fau
     assert status0 == 0, out0[-3000:]
     assert status1 == 0, out1[-3000:]
     assert out0.count(STALE) == 1
-    assert 4 <= stale <= 14, stale
+    assert since_snapshot >= 4 and stale <= 14, (since_snapshot, stale)
     for g in (0, 1):
         assert results(tmp_path / f"g{g}")["groups"][0]["group"] == g
 
