@@ -432,6 +432,13 @@ def _wait_until_exchanging(g0, g1, tmp_path):
 STALE = "WARNING: peer group 1 is stale"
 
 
+def _last_snapshot_at(tmp_path) -> float:
+    """When group 1 wrote its newest snapshot, on the monotonic clock: --peer_timeout runs from there,
+    which may be before group 1 was stopped or killed."""
+    newest = max(p.stat().st_mtime for p in (tmp_path / "exchange" / "group1").glob("step*.npz"))
+    return time.monotonic() - (time.time() - newest)
+
+
 def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_report):
     # Group 1 never waits for group 0: long enough not to finish while group 0
     # is still starting (a loaded machine), and group 0 outlasts its stop and return.
@@ -440,13 +447,11 @@ def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fau
     try:
         _wait_until_exchanging(g0, g1, tmp_path)
         g1.proc.send_signal(signal.SIGSTOP)
-        stopped_at, stopped_wall = time.monotonic(), time.time()
+        stopped_at = time.monotonic()
         stopped = True
-        # The timeout runs from group 1's last snapshot, which may predate the stop.
-        newest = max(p.stat().st_mtime for p in (tmp_path / "exchange" / "group1").glob("step*.npz"))
+        snapshot_at = _last_snapshot_at(tmp_path)
         warned_at = g0.wait_for_line(STALE, 60)
         stale = warned_at - stopped_at
-        since_snapshot = warned_at - (stopped_at - (stopped_wall - newest))
         g1.proc.send_signal(signal.SIGCONT)
         continued_at = time.monotonic()
         stopped = False
@@ -468,7 +473,7 @@ def test_sigstop_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fau
     assert status0 == 0, out0[-3000:]
     assert status1 == 0, out1[-3000:]
     assert out0.count(STALE) == 1
-    assert since_snapshot >= 4 and stale <= 14, (since_snapshot, stale)
+    assert warned_at - snapshot_at >= 4 and stale <= 14, (warned_at - snapshot_at, stale)
     for g in (0, 1):
         assert results(tmp_path / f"g{g}")["groups"][0]["group"] == g
 
@@ -482,8 +487,10 @@ def test_kill_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_
         g1.proc.kill()
         killed_at = time.monotonic()
         g1.wait(30)
+        snapshot_at = _last_snapshot_at(tmp_path)
         rows_before = csv_rows(tmp_path / "g1" / "codistill" / "history.csv")
-        stale = g0.wait_for_line(STALE, 60) - killed_at
+        warned_at = g0.wait_for_line(STALE, 60)
+        stale = warned_at - killed_at
         status0 = g0.wait(240)
     finally:
         g0.stop()
@@ -498,7 +505,7 @@ def test_kill_group_through_a_directory(tmp_path, data_dir, mnist1d_spec, fault_
     )
     assert status0 == 0, g0.text()[-3000:]
     assert g0.text().count(STALE) == 1
-    assert 4 <= stale <= 14, stale
+    assert warned_at - snapshot_at >= 4 and stale <= 14, (warned_at - snapshot_at, stale)
     assert results(tmp_path / "g0")["groups"][0]["group"] == 0
     assert epochs and len(rows_before) >= 2
     assert csv_rows(tmp_path / "g1" / "codistill" / "history.csv") == rows_before
